@@ -1,0 +1,34 @@
+# Sourced by the launch scripts: `scj_venv NAME REQUIREMENTS_FILE` prints the path of a virtual environment built
+# from that pinned requirements file, creating it on first use (about a minute). Environments are cached per content
+# hash of the requirements under ${SCJ_VENV_CACHE:-~/.cache/sparse_context_jax}, so a changed pin builds a new one
+# and clones of the repository share them. A build interrupted half-way is discarded and redone.
+
+scj_root() { cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd; }
+
+scj_venv() {
+  local name=$1 req=$2 root python hash cache venv
+  root=$(scj_root)
+  python=${PYTHON:-python3}
+  if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    echo "error: $python is missing or older than Python 3.11 (set PYTHON=/path/to/python3.11)" >&2
+    return 1
+  fi
+  hash=$( (cd "$root" && cat requirements*.txt && "$python" -c 'import sys; print(sys.version)') | sha256sum | cut -c1-12)
+  cache=${SCJ_VENV_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sparse_context_jax}
+  venv=$cache/venv-$name-$hash
+  mkdir -p "$cache"
+  (
+    flock 9
+    if [ ! -f "$venv/.complete" ]; then
+      echo "creating the $name environment from $req in $venv (about a minute, once)" >&2
+      rm -rf "$venv"
+      if ! { "$python" -m venv "$venv" &&
+             "$venv/bin/python" -m pip install --disable-pip-version-check -r "$root/$req"; } >"$venv.log" 2>&1; then
+        tail -n 20 "$venv.log" >&2
+        exit 1
+      fi
+      touch "$venv/.complete"
+    fi
+  ) 9>"$venv.lock" || { echo "error: could not build the $name environment from $req" >&2; return 1; }
+  echo "$venv"
+}

@@ -1,0 +1,6 @@
+"""sparse_context_jax: reference-conditioned FLUX generation with sparse reference tokens, in JAX/Flax."""
+
+from sparse_context_jax.model import PRESETS, MMDiT, MMDiTConfig, count_params, preset
+
+__all__ = ["MMDiT", "MMDiTConfig", "PRESETS", "count_params", "preset"]
+__version__ = "0.1.0"

@@ -1,0 +1,38 @@
+"""`python -m sparse_context_jax <command>`: the command-line entry point.
+
+Each command is a module with `add_arguments(parser)` and `run(args) -> int`. A `UserError` (bad value, bad path)
+ends the command with one line on stderr and exit status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "demo": ("sparse_context_jax.commands.demo", "presets, then a small model run dense and with sparse references"),
+    "presets": ("sparse_context_jax.commands.presets", "the released FLUX architectures: sizes and parameter counts"),
+}
+
+
+class UserError(Exception):
+  """An error the user can fix (bad argument, missing file): reported as one line, no traceback."""
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="sparse_context_jax", description=__doc__.splitlines()[0])
+  sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+  for name, (module, help_text) in COMMANDS.items():
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    p.set_defaults(module=module)
+    importlib.import_module(module).add_arguments(p)
+  args = parser.parse_args(argv)
+  try:
+    return importlib.import_module(args.module).run(args) or 0
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    return 130

@@ -1,0 +1,123 @@
+"""Double-stream and single-stream MMDiT blocks, shared by FLUX.1 and FLUX.2.
+
+Shapes: B batch, T text tokens, L image tokens (target, references, padding), S = T + L, D hidden,
+H heads, Dh head dim. Attention runs over the joint sequence [txt | img]; `kv_len (B,)` counts the valid keys
+(T + valid image tokens), so padding at the end of the image tokens is never attended to.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparse_context_jax.model.config import MMDiTConfig
+from sparse_context_jax.model.layers import Linear, Modulation, RMSNorm, modulate
+from sparse_context_jax.model.rope import apply_rope
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_len: jax.Array | None, impl: str | None) -> jax.Array:
+  """Softmax attention, (B, S, H, Dh) each -> (B, S, H, Dh); logits and softmax in float32."""
+  return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_len, implementation=impl)
+
+
+class QKV(nnx.Module):
+  """Fused q/k/v projection with per-head QK RMSNorm: x (B, S, D) -> q, k (float32), v, each (B, S, H, Dh)."""
+
+  def __init__(self, cfg: MMDiTConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    self.qkv = Linear(cfg.hidden_size, (3, cfg.num_heads, cfg.head_dim), use_bias=cfg.bias, in_axes=("embed",),
+                      out_axes=("qkv", "heads", "head_dim"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.query_norm = RMSNorm(cfg.head_dim, eps=cfg.eps, param_dtype=param_dtype)
+    self.key_norm = RMSNorm(cfg.head_dim, eps=cfg.eps, param_dtype=param_dtype)
+
+  def __call__(self, x: jax.Array):
+    qkv = self.qkv(x)
+    return self.query_norm(qkv[:, :, 0]), self.key_norm(qkv[:, :, 1]), qkv[:, :, 2]
+
+
+class MLP(nnx.Module):
+  """GELU-tanh MLP (FLUX.1) or SwiGLU with the gate first (FLUX.2)."""
+
+  def __init__(self, cfg: MMDiTConfig, *, dtype, param_dtype, rngs: nnx.Rngs, fc2_bias: bool | None = None):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.kind = cfg.mlp
+    self.fc1 = Linear(cfg.hidden_size, cfg.mlp_in_features, use_bias=cfg.bias, in_axes=("embed",),
+                      out_axes=("mlp",), **kw)
+    self.fc2 = Linear(cfg.mlp_hidden, cfg.hidden_size, use_bias=cfg.bias if fc2_bias is None else fc2_bias,
+                      in_axes=("mlp",), out_axes=("embed",), **kw)
+
+  def activate(self, h: jax.Array) -> jax.Array:
+    if self.kind == "swiglu":
+      gate, up = jnp.split(h, 2, axis=-1)
+      return jax.nn.silu(gate) * up
+    return jax.nn.gelu(h, approximate=True)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(self.activate(self.fc1(x)))
+
+
+def _modulation(cfg: MMDiTConfig, n_sets: int, *, dtype, param_dtype, rngs) -> Modulation | None:
+  """Per-block modulation for FLUX.1; None for FLUX.2, whose blocks receive the shared one."""
+  if cfg.shared_modulation:
+    return None
+  return Modulation(cfg.hidden_size, n_sets, use_bias=cfg.bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+class DoubleBlock(nnx.Module):
+  """Separate weights for the image and text streams, joint attention over [txt | img]."""
+
+  def __init__(self, cfg: MMDiTConfig, *, dtype, param_dtype, rngs: nnx.Rngs, attention_impl: str | None = None):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.eps, self.dtype, self.attention_impl = cfg.eps, dtype, attention_impl
+    self.img_mod = _modulation(cfg, 2, **kw)
+    self.txt_mod = _modulation(cfg, 2, **kw)
+    self.img_attn = QKV(cfg, **kw)
+    self.txt_attn = QKV(cfg, **kw)
+    out = dict(use_bias=cfg.bias, in_axes=("heads", "head_dim"), out_axes=("embed",), **kw)
+    self.img_proj = Linear((cfg.num_heads, cfg.head_dim), cfg.hidden_size, **out)
+    self.txt_proj = Linear((cfg.num_heads, cfg.head_dim), cfg.hidden_size, **out)
+    self.img_mlp = MLP(cfg, **kw)
+    self.txt_mlp = MLP(cfg, **kw)
+
+  def __call__(self, img, txt, vec, angles, kv_len, shared_mods):
+    """img (B, L, D), txt (B, T, D), vec (B, D), angles (B, S, Dh/2) -> (img, txt).
+
+    `shared_mods` is (mods_img, mods_txt), each (6, B, 1, D), when the modulation is shared, else None.
+    """
+    m_img, m_txt = shared_mods if shared_mods is not None else (self.img_mod(vec), self.txt_mod(vec))
+    t = txt.shape[1]
+    q_i, k_i, v_i = self.img_attn(modulate(img, m_img[0], m_img[1], self.eps))
+    q_t, k_t, v_t = self.txt_attn(modulate(txt, m_txt[0], m_txt[1], self.eps))
+    q = apply_rope(jnp.concatenate([q_t, q_i], axis=1), angles).astype(self.dtype)
+    k = apply_rope(jnp.concatenate([k_t, k_i], axis=1), angles).astype(self.dtype)
+    v = jnp.concatenate([v_t, v_i], axis=1).astype(self.dtype)
+    a = attention(q, k, v, kv_len, self.attention_impl)
+    img = img + m_img[2] * self.img_proj(a[:, t:])
+    img = img + m_img[5] * self.img_mlp(modulate(img, m_img[3], m_img[4], self.eps))
+    txt = txt + m_txt[2] * self.txt_proj(a[:, :t])
+    txt = txt + m_txt[5] * self.txt_mlp(modulate(txt, m_txt[3], m_txt[4], self.eps))
+    return img, txt
+
+
+class SingleBlock(nnx.Module):
+  """Parallel attention + MLP over h = [txt | img]: h += gate * (proj(attn) + fc2(act(fc1)))."""
+
+  def __init__(self, cfg: MMDiTConfig, *, dtype, param_dtype, rngs: nnx.Rngs, attention_impl: str | None = None):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.eps, self.dtype, self.attention_impl = cfg.eps, dtype, attention_impl
+    self.modulation = _modulation(cfg, 1, **kw)
+    self.attn = QKV(cfg, **kw)
+    # BFL's `linear2` over cat[attn, mlp] is the sum of two matmuls; its bias lives on the attention half.
+    self.proj = Linear((cfg.num_heads, cfg.head_dim), cfg.hidden_size, use_bias=cfg.bias,
+                       in_axes=("heads", "head_dim"), out_axes=("embed",), **kw)
+    self.mlp = MLP(cfg, fc2_bias=False, **kw)
+
+  def __call__(self, h, vec, angles, kv_len, shared_mods):
+    """h (B, S, D), vec (B, D), angles (B, S, Dh/2) -> h. `shared_mods` is (3, B, 1, D) or None."""
+    m = shared_mods if shared_mods is not None else self.modulation(vec)
+    x = modulate(h, m[0], m[1], self.eps)
+    q, k, v = self.attn(x)
+    q = apply_rope(q, angles).astype(self.dtype)
+    k = apply_rope(k, angles).astype(self.dtype)
+    a = attention(q, k, v.astype(self.dtype), kv_len, self.attention_impl)
+    return h + m[2] * (self.proj(a) + self.mlp(x))

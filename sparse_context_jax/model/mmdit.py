@@ -1,0 +1,202 @@
+"""The FLUX MMDiT: embedders, a stack of double-stream blocks, a stack of single-stream blocks, the final layer.
+
+Blocks are created stacked along a leading layer axis (one `nnx.vmap`) and run with `jax.lax.scan` (or unrolled),
+optionally rematerialised per block with a `jax.checkpoint` policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparse_context_jax.model.blocks import DoubleBlock, SingleBlock
+from sparse_context_jax.model.config import MMDiTConfig
+from sparse_context_jax.model.layers import Linear, MLPEmbedder, Modulation, modulate, timestep_embedding
+from sparse_context_jax.model.rope import rope_angles
+
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "full": None,  # save only each block's inputs
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _stacked(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module | None:
+  if n == 0:
+    return None
+
+  @nnx.split_rngs(splits=n)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
+  def create(r):
+    return make(r)
+
+  return create(rngs)
+
+
+class FinalLayer(nnx.Module):
+  def __init__(self, cfg: MMDiTConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(use_bias=cfg.bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.eps = cfg.eps
+    # Rows ordered (shift, scale) as in BFL; diffusers' AdaLayerNormContinuous stores (scale, shift).
+    self.adaLN = Linear(cfg.hidden_size, (2, cfg.hidden_size), in_axes=("embed_in",), out_axes=("mod", "embed"),
+                        **kw)
+    self.linear = Linear(cfg.hidden_size, cfg.out_channels, in_axes=("embed",), out_axes=("channels",), **kw)
+
+  def __call__(self, x: jax.Array, vec: jax.Array) -> jax.Array:
+    m = self.adaLN(jax.nn.silu(vec))[:, :, None, :]
+    return self.linear(modulate(x, m[:, 0], m[:, 1], self.eps))
+
+
+class MMDiT(nnx.Module):
+  """FLUX.1 / FLUX.2 transformer with reference images as extra image tokens.
+
+  Args:
+    config: the architecture.
+    rngs: initialisation keys.
+    dtype: compute dtype of the matmuls and the residual stream (bfloat16 on accelerators). Norm statistics,
+      RoPE, the timestep embedding and the softmax always run in float32.
+    param_dtype: storage dtype of the parameters.
+    scan_layers: run each block stack with `jax.lax.scan` (one compiled block) or unrolled.
+    remat: "none", "full", "dots" or "dots_no_batch": `jax.checkpoint` policy around each block.
+    attention_impl: `implementation` of `jax.nn.dot_product_attention` (None, "xla" or "cudnn").
+  """
+
+  def __init__(self, config: MMDiTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+               scan_layers: bool = True, remat: str = "none", attention_impl: str | None = None):
+    if remat != "none" and remat not in REMAT_POLICIES:
+      raise ValueError(f"remat={remat!r}; expected 'none' or one of {sorted(REMAT_POLICIES)}")
+    cfg = self.config = config
+    self.dtype, self.scan_layers, self.remat = dtype, scan_layers, remat
+    D = cfg.hidden_size
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    lin = dict(use_bias=cfg.bias, **kw)
+    self.img_in = Linear(cfg.in_channels, D, in_axes=("channels",), out_axes=("embed",), **lin)
+    self.txt_in = Linear(cfg.context_dim, D, in_axes=("context",), out_axes=("embed",), **lin)
+    self.time_in = MLPEmbedder(cfg.time_channels, D, **lin)
+    self.guidance_in = MLPEmbedder(cfg.time_channels, D, **lin) if cfg.guidance_embed else None
+    self.vector_in = MLPEmbedder(cfg.pooled_dim, D, **lin) if cfg.pooled_dim else None
+    if cfg.shared_modulation:
+      self.double_mod_img = Modulation(D, 2, **lin)
+      self.double_mod_txt = Modulation(D, 2, **lin)
+      self.single_mod = Modulation(D, 1, **lin)
+    else:
+      self.double_mod_img = self.double_mod_txt = self.single_mod = None
+    block_kw = dict(dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
+    self.double_blocks = _stacked(lambda r: DoubleBlock(cfg, rngs=r, **block_kw), cfg.depth_double, rngs)
+    self.single_blocks = _stacked(lambda r: SingleBlock(cfg, rngs=r, **block_kw), cfg.depth_single, rngs)
+    self.final_layer = FinalLayer(cfg, **kw)
+
+  def __call__(self, img, txt, timesteps, img_ids, txt_ids, *, y=None, guidance=None, img_lengths=None):
+    """Velocity prediction for every image token.
+
+    Args:
+      img: (B, L, in_channels) target tokens, then reference tokens, then padding.
+      txt: (B, T, context_dim) text features.
+      timesteps: (B,) sigma in [0, 1] (multiplied by 1000 here, in float32).
+      img_ids: (B, L, n_axes) or (L, n_axes) position ids; txt_ids: (B, T, n_axes) or (T, n_axes).
+      y: (B, pooled_dim) pooled text vector (FLUX.1).
+      guidance: (B,) guidance scale, for models with a guidance embedder.
+      img_lengths: (B,) int, image tokens at positions >= img_lengths[b] are padding: they are never attended to,
+        their contents and ids are ignored, and their outputs are zero.
+    Returns:
+      (B, L, out_channels) in the compute dtype.
+    """
+    cfg = self.config
+    B, L, T = img.shape[0], img.shape[1], txt.shape[1]
+    img_ids, txt_ids = self._check_inputs(img, txt, timesteps, img_ids, txt_ids, y, guidance, img_lengths)
+
+    kv_len = None
+    if img_lengths is not None:
+      valid = (jnp.arange(L)[None, :] < img_lengths[:, None])[..., None]   # (B, L, 1)
+      img = jnp.where(valid, img, 0)  # padding never enters the network, whatever it holds (inf, nan, ...)
+      img_ids = jnp.where(valid, img_ids, 0)
+      kv_len = (T + img_lengths).astype(jnp.int32)
+
+    vec = self.time_in(timestep_embedding(timesteps.astype(jnp.float32) * 1000, cfg.time_channels))
+    if self.guidance_in is not None:
+      vec = vec + self.guidance_in(timestep_embedding(guidance.astype(jnp.float32) * 1000, cfg.time_channels))
+    if self.vector_in is not None:
+      vec = vec + self.vector_in(y)
+
+    x, c = self.img_in(img), self.txt_in(txt)
+    angles = rope_angles(jnp.concatenate([txt_ids, img_ids], axis=1), cfg.axes_dims, cfg.theta)
+
+    if cfg.shared_modulation:
+      double_mods = (self.double_mod_img(vec), self.double_mod_txt(vec))
+      single_mods = self.single_mod(vec)
+    else:
+      double_mods = single_mods = None
+    x, c = self._run(self.double_blocks, (x, c),
+                     lambda blk, carry: blk(*carry, vec, angles, kv_len, double_mods))
+    h = self._run(self.single_blocks, jnp.concatenate([c, x], axis=1),
+                  lambda blk, carry: blk(carry, vec, angles, kv_len, single_mods))
+    out = self.final_layer(h[:, T:], vec)
+    if img_lengths is not None:
+      out = jnp.where(valid, out, 0)
+    return out
+
+  def _run(self, stack: nnx.Module | None, carry, step):
+    """Applies `step(block, carry)` for every block of a stacked module, scanned or unrolled."""
+    if stack is None:
+      return carry
+    graphdef, state = nnx.split(stack)
+
+    def body(carry, layer_state):
+      return step(nnx.merge(graphdef, layer_state), carry), None
+
+    if self.remat != "none":
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
+    if self.scan_layers:
+      return jax.lax.scan(body, carry, state)[0]
+    depth = jax.tree.leaves(state)[0].shape[0]
+    for i in range(depth):
+      carry = body(carry, jax.tree.map(lambda a: a[i], state))[0]
+    return carry
+
+  def _check_inputs(self, img, txt, timesteps, img_ids, txt_ids, y, guidance, img_lengths):
+    """Validates shapes (static, so at trace time); returns ids broadcast to (B, L|T, n_axes)."""
+    cfg = self.config
+    problems = []
+
+    def expect(name, arr, shape):
+      if arr is None:
+        problems.append(f"{name} is required (expected shape {shape})")
+      elif tuple(arr.shape) != tuple(shape):
+        problems.append(f"{name} has shape {tuple(arr.shape)}, expected {tuple(shape)}")
+
+    if img.ndim != 3 or txt.ndim != 3:
+      raise ValueError(f"img and txt must be (B, L, C) and (B, T, C); got {img.shape} and {txt.shape}")
+    B, L, T = img.shape[0], img.shape[1], txt.shape[1]
+    expect("img", img, (B, L, cfg.in_channels))
+    expect("txt", txt, (B, T, cfg.context_dim))
+    expect("timesteps", timesteps, (B,))
+    for name, ids, n in (("img_ids", img_ids, L), ("txt_ids", txt_ids, T)):
+      if ids is None or tuple(ids.shape) not in ((n, cfg.n_axes), (B, n, cfg.n_axes)):
+        problems.append(f"{name} has shape {None if ids is None else tuple(ids.shape)}, expected "
+                        f"({n}, {cfg.n_axes}) or ({B}, {n}, {cfg.n_axes})")
+    if cfg.pooled_dim:
+      expect("y", y, (B, cfg.pooled_dim))
+    elif y is not None:
+      problems.append("y was given but this model has no pooled-vector embedder (pooled_dim=0)")
+    if cfg.guidance_embed:
+      expect("guidance", guidance, (B,))
+    elif guidance is not None:
+      problems.append("guidance was given but this model has no guidance embedder (guidance_embed=False)")
+    if img_lengths is not None:
+      expect("img_lengths", img_lengths, (B,))
+      if not jnp.issubdtype(img_lengths.dtype, jnp.integer):
+        problems.append(f"img_lengths must be integer, got {img_lengths.dtype}")
+    if problems:
+      raise ValueError("MMDiT inputs: " + "; ".join(problems))
+    img_ids = jnp.broadcast_to(img_ids, (B, L, cfg.n_axes))
+    txt_ids = jnp.broadcast_to(txt_ids, (B, T, cfg.n_axes))
+    return img_ids, txt_ids
+
+
+def count_params(config: MMDiTConfig) -> int:
+  """Exact number of parameters of `config`, computed abstractly (no weights are allocated)."""
+  abstract = nnx.eval_shape(lambda: MMDiT(config, rngs=nnx.Rngs(0)))
+  return sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))

@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny diffusers references (built once per session) and their converted JAX twins."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import reference as ref
+from sparse_context_jax import MMDiT
+from sparse_context_jax.convert import load_state_dict
+
+# name -> (builder kwargs, input kwargs). Different head dims, block counts, guidance on/off, references of another
+# size than the target, 1-3 references for FLUX.2; timesteps always differ per example.
+TINY = {
+    "flux1-kontext": (dict(family="flux1"), dict(refs=((3, 5),))),
+    "flux1-schnell-like": (dict(family="flux1", guidance=False, heads=3, head_dim=32, axes=(8, 12, 12),
+                                layers=(1, 3), pooled=16), dict(target=(3, 5), refs=((4, 4),), txt_len=5)),
+    "flux2-klein-1ref": (dict(family="flux2"), dict(refs=((2, 3),))),
+    "flux2-klein-2ref": (dict(family="flux2", heads=4, head_dim=8, axes=(2, 2, 2, 2), layers=(2, 1)),
+                         dict(target=(3, 4), refs=((2, 3), (3, 2)), batch=3)),
+    "flux2-dev-3ref": (dict(family="flux2", guidance=True, head_dim=24, axes=(6, 6, 6, 6), layers=(3, 1),
+                            mlp_ratio=2.0), dict(refs=((2, 2), (3, 3), (1, 4)))),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def torch_model(name: str):
+  kw = dict(TINY[name][0])
+  family = kw.pop("family")
+  return (ref.tiny_flux1 if family == "flux1" else ref.tiny_flux2)(**kw)
+
+
+@functools.lru_cache(maxsize=None)
+def jax_model(name: str, **model_kw) -> MMDiT:
+  tm = torch_model(name)
+  return load_state_dict(MMDiT(ref.config_of(tm), rngs=nnx.Rngs(0), **model_kw), ref.state_dict(tm))
+
+
+@functools.lru_cache(maxsize=None)
+def jitted(name: str, **model_kw):
+  """`f(inputs dict) -> numpy output` of the converted model, jit-compiled (once per input shape)."""
+  graphdef, state = nnx.split(jax_model(name, **model_kw))
+  forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(**x))
+  return lambda x: np.asarray(forward(state, as_jax(x)))
+
+
+def inputs(name: str, **overrides) -> dict:
+  return ref.make_inputs(ref.config_of(torch_model(name)), **{**TINY[name][1], **overrides})
+
+
+def as_jax(x: dict) -> dict:
+  return {k: jnp.asarray(v) for k, v in x.items()}
+
+
+@pytest.fixture(params=sorted(TINY))
+def tiny_name(request):
+  return request.param
+
