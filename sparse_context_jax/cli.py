@@ -11,7 +11,9 @@ import importlib
 import sys
 
 COMMANDS = {
+    "convert": ("sparse_context_jax.commands.convert", "a PyTorch FLUX checkpoint (BFL or diffusers) to orbax"),
     "demo": ("sparse_context_jax.commands.demo", "presets, then a small model run dense and with sparse references"),
+    "export": ("sparse_context_jax.commands.export", "a converted checkpoint back to one .safetensors file"),
     "presets": ("sparse_context_jax.commands.presets", "the released FLUX architectures: sizes and parameter counts"),
 }
 

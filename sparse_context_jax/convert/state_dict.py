@@ -49,22 +49,27 @@ class ModelSpec:
     return shapes
 
 
-def params_from_state_dict(cfg: MMDiTConfig, sd: Mapping[str, np.ndarray], layout: str = "diffusers",
-                           dtype=np.float32, spec: ModelSpec | None = None) -> dict[str, np.ndarray]:
-  """Converts a whole torch state dict to flat parameters; every key must be used, every shape must match."""
-  spec = spec or ModelSpec(cfg)
-  expected = spec.expected_torch_shapes(layout)
-  missing, unexpected = set(expected) - set(sd), set(sd) - set(expected)
+def check_tensors(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]], what: str) -> None:
+  """Raises a `CheckpointError` naming the missing, unexpected and mis-shaped keys of `found` (name -> shape)."""
+  missing, unexpected = set(expected) - set(found), set(found) - set(expected)
   if missing or unexpected:
     parts = []
     if missing:
       parts.append(f"missing {len(missing)} tensor(s): {_fmt_keys(missing)}")
     if unexpected:
       parts.append(f"unexpected {len(unexpected)} tensor(s): {_fmt_keys(unexpected)}")
-    raise CheckpointError(f"{layout} {cfg.family} state dict does not match the config: " + "; ".join(parts))
-  bad = [f"{k} {tuple(sd[k].shape)} (expected {s})" for k, s in expected.items() if tuple(sd[k].shape) != s]
+    raise CheckpointError(f"{what} does not match the config: " + "; ".join(parts))
+  bad = [f"{k} {tuple(found[k])} (expected {s})" for k, s in expected.items() if tuple(found[k]) != s]
   if bad:
-    raise CheckpointError(f"{layout} {cfg.family} state dict has wrong shapes: {_fmt_keys(bad)}")
+    raise CheckpointError(f"{what} has wrong shapes: {_fmt_keys(bad)}")
+
+
+def params_from_state_dict(cfg: MMDiTConfig, sd: Mapping[str, np.ndarray], layout: str = "diffusers",
+                           dtype=np.float32, spec: ModelSpec | None = None) -> dict[str, np.ndarray]:
+  """Converts a whole torch state dict to flat parameters; every key must be used, every shape must match."""
+  spec = spec or ModelSpec(cfg)
+  check_tensors(spec.expected_torch_shapes(layout), {k: tuple(v.shape) for k, v in sd.items()},
+                f"{layout} {cfg.family} state dict")
 
   params: dict[str, np.ndarray] = {}
   for rule in rules_for(cfg, layout):

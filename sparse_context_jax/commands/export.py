@@ -1,0 +1,25 @@
+"""`export CKPT OUT.safetensors --layout bfl|diffusers`: a converted checkpoint back to one PyTorch file."""
+
+from __future__ import annotations
+
+from sparse_context_jax.cli import UserError
+from sparse_context_jax.convert.output import OutputExistsError
+from sparse_context_jax.convert.state_dict import CheckpointError
+from sparse_context_jax.convert.streaming import export_checkpoint
+from sparse_context_jax.convert.tables import LAYOUTS
+
+
+def add_arguments(parser) -> None:
+  parser.add_argument("ckpt", metavar="CKPT", help="a directory written by `convert`")
+  parser.add_argument("out", metavar="OUT.safetensors", help="the file to write")
+  parser.add_argument("--layout", choices=LAYOUTS, required=True, help="tensor names and fusions of the file")
+  parser.add_argument("--force", action="store_true", help="replace an existing OUT")
+
+
+def run(args) -> int:
+  try:
+    export_checkpoint(args.ckpt, args.out, layout=args.layout, force=args.force)
+  except (CheckpointError, OutputExistsError) as e:
+    raise UserError(str(e)) from None
+  print(f"wrote {args.out} ({args.layout} layout)")
+  return 0

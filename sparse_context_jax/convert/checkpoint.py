@@ -1,0 +1,179 @@
+"""The converted checkpoint: `config.json` plus an orbax checkpoint of the parameters, written and read layer by layer.
+
+    OUT/config.json   MMDiTConfig.to_json()
+    OUT/params/       orbax checkpoint; its pytree nests the dotted parameter paths, with stacked parameters
+                      stored unstacked, one subtree per layer:
+                      {"img_in": {"kernel": a}, "double_blocks": {"0": {"img_attn": {"qkv": {"kernel": a}}}}, ...}
+
+Stacked parameters are written one layer at a time (orbax partial saves: each adds a few leaves to the same
+checkpoint), so the writer never holds more than one layer; `load_model` restores one layer at a time straight
+into its sharding and copies it into a preallocated stacked buffer in place, so neither a host nor a device ever
+holds more than its share of the model plus one layer.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+from orbax.checkpoint.experimental.v1 import partial as ocp_partial
+
+from sparse_context_jax.convert.sharding import fsdp_sharding
+from sparse_context_jax.convert.state_dict import CheckpointError
+from sparse_context_jax.model.config import MMDiTConfig
+from sparse_context_jax.model.mmdit import MMDiT
+
+CONFIG, PARAMS = "config.json", "params"
+_PYTREE = "state"  # the name orbax's v1 layout gives the pytree inside a checkpoint
+
+TreePath = tuple[str, ...]
+
+
+def stored_path(param: str, layer: int | None) -> TreePath:
+  """Where one layer of parameter `param` ("double_blocks.img_attn.qkv.kernel") lives in the stored tree."""
+  head, *rest = param.split(".")
+  return (head, *rest) if layer is None else (head, str(layer), *rest)
+
+
+def _nest(flat: Mapping[TreePath, object]) -> dict:
+  tree: dict = {}
+  for path, leaf in flat.items():
+    node = tree
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = leaf
+  return tree
+
+
+def _flatten(tree: dict, prefix: TreePath = ()) -> dict[TreePath, object]:
+  out = {}
+  for k, v in tree.items():
+    out.update(_flatten(v, prefix + (k,)) if isinstance(v, dict) else {prefix + (k,): v})
+  return out
+
+
+class CheckpointWriter:
+  """Adds groups of host arrays to `directory/params` one orbax partial save at a time; `finish` commits."""
+
+  def __init__(self, directory: Path, cfg: MMDiTConfig):
+    self._params = Path(directory) / PARAMS
+    (Path(directory) / CONFIG).write_text(cfg.to_json())
+
+  def add(self, arrays: Mapping[TreePath, np.ndarray]) -> None:
+    ocp_partial.save(self._params, _nest(arrays))
+
+  def finish(self) -> None:
+    ocp_partial.finalize(self._params)
+
+
+def read_config(path: str | os.PathLike) -> MMDiTConfig:
+  path = Path(path)
+  if not (path / CONFIG).is_file() or not (path / PARAMS / _PYTREE).is_dir():
+    raise CheckpointError(f"{path} is not a converted checkpoint (expected {CONFIG} and an orbax {PARAMS}/ "
+                          "written by `convert`)")
+  try:
+    return MMDiTConfig.from_json((path / CONFIG).read_text())
+  except ValueError as e:
+    raise CheckpointError(f"{path / CONFIG}: {e}") from None
+
+
+def stored_dtype(path: str | os.PathLike) -> np.dtype:
+  """The one dtype of every stored parameter."""
+  meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path) / PARAMS / _PYTREE)
+  dtypes = {np.dtype(m.dtype) for m in jax.tree.leaves(meta)}
+  if len(dtypes) != 1:
+    raise CheckpointError(f"{path} holds parameters of several dtypes {sorted(map(str, dtypes))}")
+  return dtypes.pop()
+
+
+def restore(path: str | os.PathLike, targets: Mapping[TreePath, jax.ShapeDtypeStruct | np.dtype]) -> dict:
+  """Reads some stored leaves: a `jax.ShapeDtypeStruct` target with a sharding gives a `jax.Array` in that
+  sharding (each device's shard read and cast separately); a numpy dtype gives a host array."""
+  def args(t):
+    if isinstance(t, jax.ShapeDtypeStruct):
+      return ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape, dtype=t.dtype)
+    return ocp.RestoreArgs(restore_type=np.ndarray, dtype=t)
+  item = _nest({p: (t if isinstance(t, jax.ShapeDtypeStruct) else np.zeros((), t)) for p, t in targets.items()})
+  restore_args = _nest({p: args(t) for p, t in targets.items()})
+  tree = ocp.PyTreeCheckpointer().restore(
+      Path(path) / PARAMS / _PYTREE,
+      args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
+  return _flatten(tree)
+
+
+@functools.lru_cache(maxsize=None)
+def _zeros(shape, dtype, sharding):
+  return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+
+
+@functools.lru_cache(maxsize=None)
+def _set_layer(sharding):
+  # Donating the stacked buffer makes the update in place: no second copy of a stack on any device.
+  return jax.jit(lambda buf, x, i: jax.lax.dynamic_update_index_in_dim(buf, x.astype(buf.dtype), i, 0),
+                 donate_argnums=0, out_shardings=sharding)
+
+
+def _layer_sharding(stacked: jax.sharding.Sharding) -> jax.sharding.Sharding:
+  if isinstance(stacked, jax.sharding.NamedSharding):
+    return jax.sharding.NamedSharding(stacked.mesh, jax.sharding.PartitionSpec(*stacked.spec[1:]))
+  return stacked
+
+
+def load_model(path: str | os.PathLike, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
+               **model_kw) -> MMDiT:
+  """The model of a directory written by `convert`, with parameters (and compute) in `dtype`.
+
+  Args:
+    path: the converted checkpoint directory.
+    dtype: parameter and compute dtype (stored parameters are cast on read).
+    mesh: when given, each parameter is read shard by shard straight into its FSDP sharding (see `sharding.py`);
+      else everything goes to the first device.
+    model_kw: further `MMDiT` options (scan_layers, remat, attention_impl).
+  """
+  path = Path(path)
+  cfg = read_config(path)
+  abstract = nnx.eval_shape(lambda: MMDiT(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype, **model_kw))
+  graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+  flat = nnx.to_flat_state(abstract_params)
+
+  # name -> (shape, layers (0 = not stacked), sharding); logical_axes name the axes before layer stacking.
+  info = {}
+  for p, var in flat:
+    layer_axes = len(var.shape) - len(var.get_metadata()["logical_axes"])
+    info[".".join(map(str, p))] = (tuple(var.shape), layer_axes, fsdp_sharding(mesh, tuple(var.shape), layer_axes))
+
+  def target(shape, sharding):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+  try:
+    unstacked = {name: (shape, sh) for name, (shape, n, sh) in info.items() if n == 0}
+    got = restore(path, {stored_path(name, None): target(shape, sh) for name, (shape, sh) in unstacked.items()})
+    values = {name: got[stored_path(name, None)] for name in unstacked}
+    stacks: dict[str, list[str]] = {}
+    for name, (_, n, _) in info.items():
+      if n:
+        stacks.setdefault(name.split(".")[0], []).append(name)
+    for names in stacks.values():
+      depth = info[names[0]][0][0]
+      for name in names:
+        shape, _, sh = info[name]
+        values[name] = _zeros(shape, jnp.dtype(dtype), sh)()
+      for i in range(depth):
+        got = restore(path, {stored_path(name, i): target(info[name][0][1:], _layer_sharding(info[name][2]))
+                             for name in names})
+        for name in names:
+          values[name] = _set_layer(info[name][2])(values[name], got.pop(stored_path(name, i)), np.int32(i))
+  except (ValueError, KeyError, FileNotFoundError) as e:
+    raise CheckpointError(f"cannot restore the parameters of {path}: {e}") from None
+
+  state = nnx.from_flat_state([(p, var.replace(values[".".join(map(str, p))])) for p, var in flat])
+  return nnx.merge(graphdef, state)
+
