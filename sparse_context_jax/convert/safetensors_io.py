@@ -44,7 +44,7 @@ class SafetensorsFile:
     try:
       self.entries, self.metadata = self._parse_header(size)
     except Exception:
-      os.close(self._fd)
+      self.close()
       raise
 
   def _parse_header(self, size: int):
@@ -106,7 +106,8 @@ class SafetensorsFile:
       self._fd = -1
 
   def __del__(self):
-    self.close()
+    if getattr(self, "_fd", -1) >= 0:
+      self.close()
 
 
 class SafetensorsWriter:
