@@ -1,0 +1,43 @@
+"""The MMDiT behind a compiled-program cache: pure function at the jit boundary, parameters passed as state."""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from sparse_context_jax.model.mmdit import MMDiT
+from sparse_context_jax.programs import ProgramCache
+
+
+def flops(compiled) -> float:
+  """XLA's FLOP count of a compiled program (`cost_analysis()`), NaN where the backend gives none."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float((cost or {}).get("flops", float("nan")))
+
+
+class JittedMMDiT:
+  """`jm(img=..., txt=..., ...)` calls the model through one compiled program per input signature.
+
+  The parameters are an argument of the program (never closed over as constants), so new inputs of the same
+  shapes never recompile; `jm.programs.count` says how many programs exist.
+  """
+
+  def __init__(self, model: MMDiT):
+    self.config = model.config
+    self.graphdef, self.state = nnx.split(model)
+    self.programs = ProgramCache(self._forward, "mmdit")
+
+  def _forward(self, state, inputs):
+    return nnx.merge(self.graphdef, state)(**inputs)
+
+  @staticmethod
+  def _inputs(kw) -> dict:
+    return {k: v for k, v in kw.items() if v is not None}
+
+  def __call__(self, **kw) -> jax.Array:
+    return self.programs(self.state, self._inputs(kw))
+
+  def compiled(self, **kw):
+    """The compiled program for these inputs (compiling it if needed), e.g. for `flops(...)`."""
+    return self.programs.compiled(self.state, self._inputs(kw))
