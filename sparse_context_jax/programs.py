@@ -43,5 +43,10 @@ class ProgramCache:
       self.compile_seconds[key] = time.perf_counter() - t0
     return self._programs[key]
 
+  def seconds_to_compile(self, *args, **static) -> float:
+    """Compile time of the program for these arguments (compiling it if needed)."""
+    self.compiled(*args, **static)
+    return self.compile_seconds[_signature(args, static)]
+
   def __call__(self, *args, **static):
     return self.compiled(*args, **static)(*args)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from sparse_context_jax import PRESETS, count_params
@@ -30,13 +32,17 @@ def test_presets_command_prints_every_preset_with_its_count():
 
 
 def test_demo_runs_dense_and_sparse():
-  r = _run("demo", "--hidden", "128", "--depth", "1", "1", "--grid", "4", "--refs", "2", "--txt", "8",
-           "--repeats", "2", "--keep", "0.5", "--skip-presets")
+  r = _run("demo", "--hidden", "128", "--depth", "1", "1", "--size", "64", "--refs", "2", "--txt", "8",
+           "--repeats", "2", "--strategy", "edge", "--tau", "0.5", "--skip-presets")
   assert r.returncode == 0, r.stderr
-  assert "dense" in r.stdout and "sparse, keep 0.5" in r.stdout
-  # image tokens: 16 target + 2 x 16 reference dense; sparse keeps 8 per reference (and 6 in the second example)
-  assert re.search(r"^dense\s+48 \(\s*48, 48\)", r.stdout, re.M)
-  assert re.search(r"^sparse, keep 0.5\s+32 \(\s*32, 28\)", r.stdout, re.M)
+  # 16 target tokens + 2 references x 16 dense; the adaptive budgets fit a bucket of the ladder
+  assert re.search(r"^dense\s+-\s+48 \(\s*48, 48\)", r.stdout, re.M), r.stdout
+  assert re.search(r"^keep 1, padded path\s+1\s+48 \(\s*48, 48\)", r.stdout, re.M), r.stdout
+  line = re.search(r"^edge, tau 0.5\s+(\S+)\s+(\d+) \(\s*(\d+), (\d+)\)", r.stdout, re.M)
+  bucket, seq, valid = float(line.group(1)), int(line.group(2)), [int(line.group(3)), int(line.group(4))]
+  assert seq == 16 + 2 * int(np.ceil(bucket * 16 - 1e-9)) and max(valid) <= seq < 48
+  kept = json.loads(re.search(r"kept reference tokens per example: (\[.*\]) of 16", r.stdout).group(1))
+  assert [16 + sum(k) for k in kept] == valid
   diff = float(re.search(r"max \|diff\| = (\S+)", r.stdout).group(1))
   assert diff <= 1e-5
 
@@ -44,6 +50,8 @@ def test_demo_runs_dense_and_sparse():
 @pytest.mark.parametrize("args, message", [
     (("demo", "--keep", "1.5"), "--keep 1.5 (expected a ratio in (0, 1])"),
     (("demo", "--hidden", "100"), "--hidden 100 (expected a positive multiple of 128"),
+    (("demo", "--tau", "0"), "--tau 0.0 (expected a ratio in (0, 1])"),
+    (("demo", "--size", "72"), "--size 72 (expected a positive multiple of 16)"),
 ])
 def test_user_errors_are_one_line(args, message):
   r = _run(*args)

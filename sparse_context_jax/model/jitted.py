@@ -41,3 +41,6 @@ class JittedMMDiT:
   def compiled(self, **kw):
     """The compiled program for these inputs (compiling it if needed), e.g. for `flops(...)`."""
     return self.programs.compiled(self.state, self._inputs(kw))
+
+  def compile_seconds(self, **kw) -> float:
+    return self.programs.seconds_to_compile(self.state, self._inputs(kw))

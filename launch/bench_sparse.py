@@ -1,0 +1,162 @@
+"""Benchmark: denoiser step latency with dense vs sparse references, against XLA's own FLOP count.
+
+For 1, 2 and 4 references and keep ratios 1, 0.5, 0.25, 0.1 it times one compiled denoiser call (median of
+--repeats after a warm-up), reads the FLOPs of each compiled program (`compiled.cost_analysis()`), and prints
+achieved speedup, ideal (FLOP) speedup, achieved / ideal and the bucket padding waste; it writes a PNG plot of
+speedup vs keep ratio and a JSON of the rows.
+
+  python launch/bench_sparse.py                       # medium config for a CPU (~hidden 256, 16x16-token images)
+  python launch/bench_sparse.py --preset flux2-klein-9b --size 1024 --txt 512 --dtype bfloat16 \\
+      --param-dtype bfloat16 --attention cudnn          # the real klein 9B shape, random weights (accelerator)
+
+The medium default keeps the real model's balance of attention to linear-layer FLOPs (flux2-klein-9b at 1024x1024
+with 4 references: attention is about 44%; hidden 256 with 16x16-token images and 32 text tokens: the same).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from sparse_context_jax.model import MMDiT, preset  # noqa: E402
+from sparse_context_jax.model.jitted import JittedMMDiT, flops  # noqa: E402
+from sparse_context_jax.model.positions import text_ids  # noqa: E402
+from sparse_context_jax.sparse import Reference, SparsePacker, SparseRequest, dense_inputs  # noqa: E402
+from sparse_context_jax.sparse.compare import median_seconds  # noqa: E402
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--preset", default="medium", help="'medium' (klein-9B-like, --hidden wide) or a preset name")
+  p.add_argument("--hidden", type=int, default=256, help="hidden size of the medium config (heads of 128)")
+  p.add_argument("--depth", type=int, nargs=2, default=(2, 6), metavar=("DOUBLE", "SINGLE"),
+                 help="blocks of the medium config (klein 9B has 8 and 24: the same 1:3 ratio)")
+  p.add_argument("--size", type=int, default=256, help="target and reference side in pixels")
+  p.add_argument("--txt", type=int, default=32, help="text tokens")
+  p.add_argument("--batch", type=int, default=1)
+  p.add_argument("--refs", type=int, nargs="+", default=(1, 2, 4))
+  p.add_argument("--keeps", type=float, nargs="+", default=(1.0, 0.5, 0.25, 0.1))
+  p.add_argument("--strategy", default="random")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  p.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"))
+  p.add_argument("--attention", default=None, choices=(None, "xla", "cudnn"), help="dot_product_attention impl")
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--out", default="bench_out", help="folder for the plot and the JSON")
+  return p.parse_args(argv)
+
+
+def build(args):
+  if args.preset == "medium":
+    cfg = preset("flux2-klein-9b").replace(num_heads=args.hidden // 128, depth_double=args.depth[0],
+                                           depth_single=args.depth[1], context_dim=3 * args.hidden)
+  else:
+    cfg = preset(args.preset)
+  model = MMDiT(cfg, rngs=nnx.Rngs(0), dtype=jnp.dtype(args.dtype), param_dtype=jnp.dtype(args.param_dtype),
+                attention_impl=args.attention)
+  return cfg, JittedMMDiT(model)
+
+
+def run(args) -> list[dict]:
+  cfg, model = build(args)
+  dtype = jnp.dtype(args.dtype)
+  rng = np.random.default_rng(0)
+  side, B = args.size // 16, args.batch
+  n = side * side
+  latents = lambda m: jnp.asarray(rng.standard_normal((B, m, cfg.in_channels)), dtype)
+  common = dict(txt=jnp.asarray(rng.standard_normal((B, args.txt, cfg.context_dim)), dtype),
+                timesteps=jnp.full((B,), 0.6, jnp.float32), txt_ids=jnp.asarray(text_ids(cfg, args.txt)))
+  packer = SparsePacker(cfg, max_refs=max(args.refs))
+  print(f"{args.preset}: hidden {cfg.hidden_size}, {cfg.depth_double}+{cfg.depth_single} blocks, "
+        f"{sum(x.size for x in jax.tree.leaves(model.state)):,} parameters, {args.dtype} compute on "
+        f"{jax.devices()[0].device_kind}; batch {B}, {args.txt} text tokens, target and references "
+        f"{args.size}x{args.size} ({n} tokens each), strategy {args.strategy}, median of {args.repeats}.",
+        flush=True)
+  print(HEADER)
+  rows = []
+  for n_refs in args.refs:
+    target = latents(n)
+    refs = [Reference(latents(n), (args.size, args.size)) for _ in range(n_refs)]
+    img, ids = dense_inputs(cfg, target, (args.size, args.size), refs)
+    dense_kw = dict(img=img, img_ids=ids, **common)
+    t0 = time.perf_counter()
+    dense_flops = flops(model.compiled(**dense_kw))
+    compile_dense = time.perf_counter() - t0
+    dense_s = median_seconds(lambda: model(**dense_kw), args.repeats)
+    rows.append(dict(refs=n_refs, keep="dense", bucket=None, seq=img.shape[1], valid=img.shape[1], waste=0.0,
+                     ms=1e3 * dense_s, gflop=dense_flops / 1e9, speedup=1.0, ideal=1.0, compile_s=compile_dense))
+    print(_fmt(rows[-1]), flush=True)
+    for keep in args.keeps:
+      x = packer(target, (args.size, args.size), refs, SparseRequest(args.strategy, keep=keep))
+      kw = dict(img=x.img, img_ids=x.img_ids, img_lengths=x.img_lengths, **common)
+      t0 = time.perf_counter()
+      f = flops(model.compiled(**kw))
+      compile_s = time.perf_counter() - t0
+      s = median_seconds(lambda: model(**kw), args.repeats)
+      rows.append(dict(refs=n_refs, keep=keep, bucket=x.bucket, seq=x.img.shape[1],
+                       valid=int(np.max(np.asarray(x.img_lengths))), waste=x.padding_waste, ms=1e3 * s,
+                       gflop=f / 1e9, speedup=dense_s / s, ideal=dense_flops / f, compile_s=compile_s))
+      print(_fmt(rows[-1]), flush=True)
+  return rows
+
+
+HEADER = (f"{'refs':>4} {'keep':>6} {'bucket':>6} {'seq':>6} {'valid':>6} {'waste':>6} {'step ms':>9} "
+          f"{'GFLOP':>9} {'speedup':>8} {'ideal':>6} {'ach/ideal':>9} {'compile s':>9}")
+
+
+def _fmt(r: dict) -> str:
+  keep = r["keep"] if r["keep"] == "dense" else f"{r['keep']:g}"
+  bucket = "-" if r["bucket"] is None else f"{r['bucket']:.3g}"
+  return (f"{r['refs']:>4} {keep:>6} {bucket:>6} {r['seq'] + 0:>6} {r['valid']:>6} {100 * r['waste']:>5.1f}% "
+          f"{r['ms']:>9.2f} {r['gflop']:>9.2f} {r['speedup']:>7.2f}x {r['ideal']:>5.2f}x "
+          f"{r['speedup'] / r['ideal']:>9.2f} {r['compile_s']:>9.2f}")
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+  for i, n_refs in enumerate(sorted({r["refs"] for r in rows})):
+    pts = sorted((r["keep"], r["speedup"], r["ideal"]) for r in rows if r["refs"] == n_refs and r["keep"] != "dense")
+    k, achieved, ideal = zip(*pts)
+    color = f"C{i}"
+    ax.plot(k, achieved, "o-", color=color, label=f"{n_refs} ref{'s' if n_refs > 1 else ''}: measured")
+    ax.plot(k, ideal, "--", color=color, alpha=0.6, label=f"{n_refs} ref{'s' if n_refs > 1 else ''}: FLOP ideal")
+  ax.set_xscale("log")
+  ax.set_xticks([0.1, 0.25, 0.5, 1.0], labels=["0.1", "0.25", "0.5", "1"])
+  ax.set_xlabel("keep ratio of reference tokens")
+  ax.set_ylabel("denoiser step speedup vs dense")
+  ax.set_title(title, fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  rows = run(args)
+  os.makedirs(args.out, exist_ok=True)
+  tag = f"{args.preset}_{args.size}_{args.dtype}_{jax.devices()[0].platform}"
+  with open(os.path.join(args.out, f"bench_sparse_{tag}.json"), "w") as f:
+    json.dump(rows, f, indent=1)
+  plot(rows, os.path.join(args.out, f"bench_sparse_{tag}.png"),
+       f"{args.preset} {args.size}px, {args.dtype}, {jax.devices()[0].device_kind}")
+  sparse = [r for r in rows if r["keep"] != "dense" and r["keep"] <= 0.5]
+  print(f"\nachieved / ideal at keep <= 0.5: min {min(r['speedup'] / r['ideal'] for r in sparse):.2f}; "
+        f"wrote {args.out}/bench_sparse_{tag}.png and .json")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
