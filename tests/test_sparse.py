@@ -69,8 +69,13 @@ def test_kept_tokens_carry_their_dense_ids_and_budgets(family, keep):
     assert np.all(np.asarray(x.img[b, length:]) == 0) and np.all(np.asarray(x.img_ids[b, length:]) == 0)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_padded_bucket_outputs_equal_the_unpadded_sparse_sequence(family):
+@pytest.mark.parametrize("family, request_kw", [
+    ("flux1", dict(strategy="edge", tau=0.4)),
+    ("flux2", dict(strategy="edge", tau=0.4)),
+    ("flux2", dict(strategy="saliency", tau=0.3, min_keep=0.1, max_keep=0.6)),
+    ("flux2", dict(strategy="hybrid", keep=(0.2, 0.5, 0.05))),
+])
+def test_padded_bucket_outputs_equal_the_unpadded_sparse_sequence(family, request_kw):
   name, cfg, size, target, refs, common = _setup(family, batch=2)
   model = JittedMMDiT(jax_model(name))
   # Example 0's references are noise everywhere, example 1's flat but for one corner: their adaptive budgets
@@ -78,8 +83,11 @@ def test_padded_bucket_outputs_equal_the_unpadded_sparse_sequence(family):
   for r in refs:
     r.pixels[1] = 0.5
     r.pixels[1, :16, :16] = np.random.default_rng(1).random((16, 16, 3))
-  x = SparsePacker(cfg)(target, size, refs, SparseRequest("edge", tau=0.4))
-  assert x.img_lengths[0] > x.img_lengths[1] and x.padding_waste > 0
+  x = SparsePacker(cfg)(target, size, refs, SparseRequest(**request_kw))
+  assert x.padding_waste > 0
+  assert np.asarray(x.img_lengths).tolist() == [target.shape[1] + sum(k) for k in x.kept]
+  if request_kw["strategy"] == "edge":   # more edges, more tokens
+    assert x.img_lengths[0] > x.img_lengths[1]
   out = np.asarray(model(img=x.img, img_ids=x.img_ids, img_lengths=x.img_lengths, **common))
   poisoned_img = np.array(x.img)
   poisoned_ids = np.array(x.img_ids)
