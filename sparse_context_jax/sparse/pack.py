@@ -135,10 +135,8 @@ def _ref_scores(strategy: str, ref: dict, grid: tuple[int, int], key, hybrid_bas
 def _ref_mass(strategy: str, ref: dict, grid: tuple[int, int]):
   """What an adaptive budget measures: the information of each token (uniform for random and grid, so tau acts as
   a keep ratio; the mask's coverage, not its ranking scores)."""
-  if strategy == "edge":
-    return S.edge_scores(ref["pixels"], grid)
-  if strategy == "saliency":
-    return S.saliency_scores(ref["pixels"], grid)
+  if strategy in ("edge", "saliency"):
+    return _ref_scores(strategy, ref, grid, None, strategy, 0.0)
   if strategy == "mask":
     return S.mask_coverage(ref["mask"], grid)
   return jnp.ones((ref["latents"].shape[0], grid[0] * grid[1]), jnp.float32)
