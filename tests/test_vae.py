@@ -1,0 +1,140 @@
+"""Flax VAEs equal diffusers' AutoencoderKL / AutoencoderKLFlux2 (+ the FLUX.2 pipeline's patchify and BatchNorm)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL as TorchKL
+from diffusers import AutoencoderKLFlux2 as TorchKLFlux2
+from flax import nnx
+
+import reference as ref
+from sparse_context_jax.convert.vae_tables import (load_vae_state_dict, vae_params_from_state_dict,
+                                                   vae_state_dict_from_params, vae_table, vae_variables)
+from sparse_context_jax.model.vae import (VAE_PRESETS, AutoencoderKL, VAEConfig, count_vae_params, decode_tokens,
+                                          encode_tokens)
+
+TINY = {
+    "flux1": dict(block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+                  use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159),
+    "flux2": dict(block_out_channels=(16, 32), layers_per_block=2, latent_channels=8, norm_num_groups=8),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def torch_vae(family: str):
+  torch.manual_seed(0)
+  n = len(TINY[family]["block_out_channels"])
+  common = dict(down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n)
+  m = (TorchKL if family == "flux1" else TorchKLFlux2)(**TINY[family], **common).eval()
+  with torch.no_grad():
+    for name, p in m.named_parameters():   # re-draw every weight: no default init hides a mapping error
+      if p.ndim >= 2:
+        p.copy_(torch.randn(p.shape) / np.sqrt(np.prod(p.shape[1:])))
+      elif name.endswith("bias"):
+        p.copy_(0.1 * torch.randn(p.shape))
+      else:
+        p.copy_(1 + 0.2 * torch.randn(p.shape))
+    if family == "flux2":
+      m.bn.running_mean.copy_(0.3 * torch.randn(m.bn.running_mean.shape))
+      m.bn.running_var.copy_(0.5 + torch.rand(m.bn.running_var.shape))
+  return m
+
+
+@functools.lru_cache(maxsize=None)
+def jax_vae(family: str):
+  tm = torch_vae(family)
+  cfg = VAEConfig.from_diffusers({"_class_name": type(tm).__name__, **dict(tm.config)})
+  return load_vae_state_dict(AutoencoderKL(cfg, rngs=nnx.Rngs(0)), ref.state_dict(tm))
+
+
+def _images(h=32, w=48, seed=0):
+  return np.random.default_rng(seed).uniform(-1, 1, (2, 3, h, w)).astype(np.float32)
+
+
+def test_presets_match_the_released_parameter_counts():
+  assert count_vae_params(VAE_PRESETS["flux1"]) == 83_819_683
+  assert count_vae_params(VAE_PRESETS["flux2"]) == 84_046_115
+
+
+@pytest.mark.parametrize("family", ["flux1", "flux2"])
+def test_encode_and_decode_equal_diffusers(family):
+  tm, vae = torch_vae(family), jax_vae(family)
+  x = _images()
+  with torch.no_grad():
+    mean = tm.encode(torch.from_numpy(x)).latent_dist.mode().numpy()
+    z = np.random.default_rng(1).standard_normal(mean.shape).astype(np.float32)
+    image = tm.decode(torch.from_numpy(z)).sample.numpy()
+  got_mean = np.asarray(vae.encode(jnp.asarray(x.transpose(0, 2, 3, 1)))).transpose(0, 3, 1, 2)
+  got_image = np.asarray(vae.decode(jnp.asarray(z.transpose(0, 2, 3, 1)))).transpose(0, 3, 1, 2)
+  print(f"{family}: encode {ref.rel_err(got_mean, mean):.1e}, decode {ref.rel_err(got_image, image):.1e}")
+  assert ref.rel_err(got_mean, mean) <= 1e-5
+  assert ref.rel_err(got_image, image) <= 1e-5
+
+
+def _torch_tokens(family, tm, x):
+  """The pipelines' latents -> packed tokens, written from flux_arch.md 1.5 / 4.2 with torch view / permute
+  (FLUX.1: scale and shift, then pack; FLUX.2: patchify, BatchNorm, then pack)."""
+  with torch.no_grad():
+    z = tm.encode(torch.from_numpy(x)).latent_dist.mode()
+    B, C, h, w = z.shape
+    if family == "flux1":
+      z = (z - tm.config.shift_factor) * tm.config.scaling_factor
+      return z.view(B, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, 4 * C).numpy()
+    z = z.view(B, C, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(B, 4 * C, h // 2, w // 2)
+    mean = tm.bn.running_mean.view(1, -1, 1, 1)
+    std = torch.sqrt(tm.bn.running_var.view(1, -1, 1, 1) + tm.config.batch_norm_eps)
+    z = (z - mean) / std
+    return z.reshape(B, 4 * C, -1).permute(0, 2, 1).numpy()
+
+
+@pytest.mark.parametrize("family", ["flux1", "flux2"])
+def test_tokens_equal_the_pipelines_and_round_trip(family):
+  tm, vae = torch_vae(family), jax_vae(family)
+  x = _images(32, 64)
+  tokens = np.asarray(encode_tokens(vae, jnp.asarray(x.transpose(0, 2, 3, 1))))
+  expected = _torch_tokens(family, tm, x)
+  f = 2 * vae.config.downsample   # pixels per token side
+  assert tokens.shape == expected.shape == (2, (32 // f) * (64 // f), 4 * vae.config.latent_channels)
+  assert ref.rel_err(tokens, expected) <= 1e-5
+  decoded = np.asarray(decode_tokens(vae, jnp.asarray(tokens), 32, 64))
+  direct = np.asarray(vae.decode(vae.encode(jnp.asarray(x.transpose(0, 2, 3, 1)))))
+  assert ref.rel_err(decoded, direct) <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["flux1", "flux2"])
+def test_bfl_and_diffusers_layouts_convert_to_identical_parameters(family):
+  tm, vae = torch_vae(family), jax_vae(family)
+  cfg, shapes, sd = vae.config, vae_variables(vae), ref.state_dict(tm)
+  params = vae_params_from_state_dict(cfg, sd, "diffusers", shapes)
+  bfl = vae_state_dict_from_params(cfg, params, "bfl")
+  # spot checks of BFL names and shapes (flux_arch.md 4.3): reversed decoder levels, 1x1-conv attention
+  levels = len(cfg.block_out_channels)
+  assert np.array_equal(bfl[f"decoder.up.{levels - 1}.block.0.conv1.weight"],
+                        sd["decoder.up_blocks.0.resnets.0.conv1.weight"])
+  assert bfl["encoder.mid.attn_1.q.weight"].shape == sd["encoder.mid_block.attentions.0.to_q.weight"].shape + (1, 1)
+  assert np.array_equal(bfl["encoder.norm_out.weight"], sd["encoder.conv_norm_out.weight"])
+  from_bfl = vae_params_from_state_dict(cfg, bfl, "bfl", shapes)
+  assert all(np.array_equal(from_bfl[k], params[k]) for k in params)
+  back = vae_state_dict_from_params(cfg, params, "diffusers")
+  assert sorted(back) == sorted(set(sd) - {"bn.num_batches_tracked"})
+  assert all(np.array_equal(back[k], sd[k]) for k in back)
+  assert len(vae_table(cfg, "bfl")) == len(vae_table(cfg, "diffusers")) == len(shapes)
+
+
+def test_strict_about_keys_and_shapes():
+  from sparse_context_jax.convert import CheckpointError
+  tm, vae = torch_vae("flux1"), jax_vae("flux1")
+  sd = ref.state_dict(tm)
+  shapes = vae_variables(vae)
+  del sd["decoder.conv_out.bias"]
+  with pytest.raises(CheckpointError, match=r"missing decoder\.conv_out\.bias"):
+    vae_params_from_state_dict(vae.config, sd, "diffusers", shapes)
+  sd = ref.state_dict(tm)
+  sd["encoder.conv_in.weight"] = sd["encoder.conv_in.weight"][:, :2]
+  with pytest.raises(CheckpointError, match=r"encoder\.conv_in\.weight \(16, 2, 3, 3\)"):
+    vae_params_from_state_dict(vae.config, sd, "diffusers", shapes)
