@@ -11,9 +11,13 @@ import importlib
 import sys
 
 COMMANDS = {
+    "build-dataset": ("sparse_context_jax.commands.build_dataset",
+                      "a reference-pair dataset (ArrayRecord) from a JSONL manifest or the synthetic world"),
     "convert": ("sparse_context_jax.commands.convert", "a PyTorch FLUX checkpoint (BFL or diffusers) to orbax"),
     "demo": ("sparse_context_jax.commands.demo", "presets, then a small model run dense and with sparse references"),
     "export": ("sparse_context_jax.commands.export", "a converted checkpoint back to one .safetensors file"),
+    "precompute": ("sparse_context_jax.commands.precompute",
+                   "a dataset to VAE latents and text embeddings (ArrayRecord), through pluggable encoders"),
     "presets": ("sparse_context_jax.commands.presets", "the released FLUX architectures: sizes and parameter counts"),
 }
 

@@ -1,0 +1,143 @@
+"""A dataset -> a latent dataset: VAE latents and text embeddings computed once, so training never re-runs the
+encoders.
+
+Encoders are pluggable (`Encoders`). The Flax VAE and text encoders arrive with a later issue; until then
+`REAL_ENCODERS` is empty and the `precompute` command refuses to run without an explicit `--encoders module:attr`.
+
+Output folder: `latents.array_record` (one record per dataset record, in index order, padding never written) and
+`latents.json` (count, encoder name, buckets, source). A record is an `.npz` (numpy's own format, no pickle):
+- `index` int64, `task` int32, `caption` str;
+- `target_latent` (h, w, C); `reference_latents` (R, h, w, C), unused slots zero; `ref_valid` (R,) bool;
+- `mask_tokens` (R, H/16, W/16) float32: the fraction of each 16x16 patch inside the mask (what the `mask`
+  selection strategy pools to); `mask_valid` (R,) bool;
+- `text_<name>` for every array the text encoder returns (for example `text_embeddings` (T, D), `text_pooled`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import grain
+import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
+
+from sparse_context_jax.data.builder import Dataset, open_dataset
+from sparse_context_jax.data.pipeline import make_pipeline
+
+LATENTS_FILE, INFO_FILE = "latents.array_record", "latents.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoders:
+  """image: (N, H, W, 3) float32 in [-1, 1] -> (N, h, w, C) latents; text: list of N captions -> dict of
+  (N, ...) arrays. `name` is recorded in the output so latents of different encoders are never mixed."""
+  name: str
+  image: Callable[[np.ndarray], np.ndarray]
+  text: Callable[[list[str]], dict[str, np.ndarray]]
+
+
+# name -> factory of real encoders; empty until the Flax VAE and text encoders land (a later issue).
+REAL_ENCODERS: dict[str, Callable[[], Encoders]] = {}
+
+
+def load_encoders(spec: str) -> Encoders:
+  """`name` of REAL_ENCODERS, or `module:attribute` naming an `Encoders` or a function returning one."""
+  if spec in REAL_ENCODERS:
+    return REAL_ENCODERS[spec]()
+  module, _, attr = spec.partition(":")
+  if not attr:
+    raise ValueError(f"encoders {spec!r}: expected one of {sorted(REAL_ENCODERS)} or module:attribute")
+  try:
+    found = getattr(importlib.import_module(module), attr)
+  except (ImportError, AttributeError) as e:
+    raise ValueError(f"encoders {spec!r}: cannot import ({e})") from None
+  enc = found() if callable(found) and not isinstance(found, Encoders) else found
+  if not isinstance(enc, Encoders):
+    raise ValueError(f"encoders {spec!r} gave {type(enc).__name__}, expected an Encoders")
+  return enc
+
+
+def mask_tokens(masks: np.ndarray) -> np.ndarray:
+  """(..., H, W) uint8 pixel masks -> (..., H/16, W/16) float32 fraction of each patch that is nonzero."""
+  *lead, H, W = masks.shape
+  inside = (masks > 0).reshape(*lead, H // 16, 16, W // 16, 16)
+  return inside.mean(axis=(-3, -1), dtype=np.float32)
+
+
+def _encode_batch(batch: dict, enc: Encoders) -> list[dict]:
+  """One pipeline batch -> the latent record of each valid example."""
+  to_float = lambda x: x.astype(np.float32) / 127.5 - 1.0
+  target = np.asarray(enc.image(to_float(batch["target"])))
+  valid_refs = batch["ref_valid"]
+  ref_latents = np.asarray(enc.image(to_float(batch["references"][valid_refs])))
+  refs = np.zeros((*valid_refs.shape, *ref_latents.shape[1:]), ref_latents.dtype)
+  refs[valid_refs] = ref_latents
+  text = {k: np.asarray(v) for k, v in enc.text([str(c) for c in batch["caption"]]).items()}
+  masks = mask_tokens(batch["masks"])
+  return [dict(index=batch["index"][b], task=batch["task"][b], caption=batch["caption"][b],
+               target_latent=target[b], reference_latents=refs[b], ref_valid=valid_refs[b],
+               mask_tokens=masks[b], mask_valid=batch["mask_valid"][b], **{f"text_{k}": v[b] for k, v in text.items()})
+          for b in np.flatnonzero(batch["valid"])]
+
+
+def _npz(record: dict) -> bytes:
+  buf = io.BytesIO()
+  np.savez(buf, **record)
+  return buf.getvalue()
+
+
+def precompute(dataset: Dataset | str, out: str | os.PathLike, encoders: Encoders, *, batch_size: int = 8,
+               resolution: int = 512, buckets=None, force: bool = False) -> int:
+  """Encodes every record of `dataset` once (no shuffle, one epoch) into a latent folder at `out`; returns the
+  record count. Built in a temporary sibling folder and renamed at the end: a failure leaves nothing at `out`."""
+  dataset = dataset if isinstance(dataset, Dataset) else open_dataset(dataset)
+  out = Path(out)
+  if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+    raise FileExistsError(f"{os.fspath(out)!r} exists and is not empty (pass force to replace it)")
+  pipeline = make_pipeline(dataset, batch_size=batch_size, resolution=resolution, buckets=buckets, shuffle=False,
+                           num_epochs=1)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+  try:
+    writer, count = ArrayRecordWriter(os.fspath(tmp / LATENTS_FILE), "group_size:1"), 0
+    for batch in pipeline:   # streamed: memory holds one batch, not the dataset
+      for record in _encode_batch(batch, encoders):
+        writer.write(_npz(record))
+        count += 1
+    writer.close()
+    info = dict(count=count, encoders=encoders.name, source=os.fspath(dataset.path),
+                resolution=resolution, buckets=[list(b) for b in buckets] if buckets else None)
+    (tmp / INFO_FILE).write_text(json.dumps(info, indent=1))
+    if out.exists():
+      shutil.rmtree(out) if out.is_dir() else out.unlink()
+    os.rename(tmp, out)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return count
+
+
+class Latents:
+  """A latent folder, random access: `latents[i]` is record i as a dict of numpy arrays; `info` its json."""
+
+  def __init__(self, path: str | os.PathLike):
+    path = Path(path)
+    if not (path / INFO_FILE).is_file():
+      raise FileNotFoundError(f"{os.fspath(path)!r} is not a latent folder (no {INFO_FILE}; expected the output "
+                              "of precompute)")
+    self.path, self.info = path, json.loads((path / INFO_FILE).read_text())
+    self._source = grain.sources.ArrayRecordDataSource([os.fspath(path / LATENTS_FILE)])
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, i: int) -> dict:
+    with np.load(io.BytesIO(self._source[i]), allow_pickle=False) as z:
+      return {k: z[k] for k in z.files}
