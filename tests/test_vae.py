@@ -138,3 +138,41 @@ def test_strict_about_keys_and_shapes():
   sd["encoder.conv_in.weight"] = sd["encoder.conv_in.weight"][:, :2]
   with pytest.raises(CheckpointError, match=r"encoder\.conv_in\.weight \(16, 2, 3, 3\)"):
     vae_params_from_state_dict(vae.config, sd, "diffusers", shapes)
+
+
+def test_convert_command_takes_vaes_in_both_layouts(tmp_path):
+  """diffusers `vae/` folder and BFL `ae.safetensors` -> `convert` -> `load_vae`: the same parameters, and
+  encode equals diffusers."""
+  import json
+
+  from safetensors.numpy import save_file
+
+  from sparse_context_jax import load_model, load_vae
+  from sparse_context_jax.convert import CheckpointError, convert_checkpoint
+  tm, vae = torch_vae("flux2"), jax_vae("flux2")
+  sd = ref.state_dict(tm)
+  folder = tmp_path / "vae"
+  folder.mkdir()
+  save_file(sd, str(folder / "diffusion_pytorch_model.safetensors"))
+  config = {"_class_name": "AutoencoderKLFlux2", **{k: v for k, v in dict(tm.config).items() if not k.startswith("_")}}
+  (folder / "config.json").write_text(json.dumps(config))
+  cfg = convert_checkpoint(folder, tmp_path / "from_diffusers")
+  assert cfg == vae.config
+  bfl = vae_state_dict_from_params(cfg, vae_params_from_state_dict(cfg, sd, "diffusers", vae_variables(vae)), "bfl")
+  save_file(bfl, str(tmp_path / "ae.safetensors"))
+  convert_checkpoint(tmp_path / "ae.safetensors", tmp_path / "from_bfl", config=str(folder / "config.json"))
+  a, b = load_vae(tmp_path / "from_diffusers"), load_vae(tmp_path / "from_bfl")
+  for (p, x), (_, y) in zip(nnx.to_flat_state(nnx.state(a)), nnx.to_flat_state(nnx.state(b))):
+    assert np.array_equal(x[...], y[...]), p
+  x = _images()
+  with torch.no_grad():
+    mean = tm.encode(torch.from_numpy(x)).latent_dist.mode().numpy()
+  got = np.asarray(a.encode(jnp.asarray(x.transpose(0, 2, 3, 1)))).transpose(0, 3, 1, 2)
+  assert ref.rel_err(got, mean) <= 1e-5
+  with pytest.raises(CheckpointError, match="is a converted VAE, not a transformer"):
+    load_model(tmp_path / "from_bfl")
+  del sd["decoder.conv_out.bias"]
+  save_file(sd, str(tmp_path / "broken.safetensors"))
+  with pytest.raises(CheckpointError, match=r"missing decoder\.conv_out\.bias"):
+    convert_checkpoint(tmp_path / "broken.safetensors", tmp_path / "broken", config=str(folder / "config.json"))
+  assert not (tmp_path / "broken").exists()

@@ -1,4 +1,4 @@
-"""`convert SRC OUT`: a PyTorch FLUX transformer checkpoint (BFL or diffusers, file or folder) -> orbax."""
+"""`convert SRC OUT`: a PyTorch FLUX transformer or VAE checkpoint (BFL or diffusers, file or folder) -> orbax."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from sparse_context_jax.cli import UserError
 from sparse_context_jax.convert.output import OutputExistsError
 from sparse_context_jax.convert.state_dict import CheckpointError
 from sparse_context_jax.convert.streaming import OUTPUT_DTYPES, convert_checkpoint
+from sparse_context_jax.model.vae import VAEConfig
 
 
 def add_arguments(parser) -> None:
@@ -23,6 +24,9 @@ def run(args) -> int:
     cfg = convert_checkpoint(args.src, args.out, dtype=args.dtype, config=args.config, force=args.force)
   except (CheckpointError, OutputExistsError) as e:
     raise UserError(str(e)) from None
-  print(f"wrote {args.out}: {cfg.family}, hidden {cfg.hidden_size}, {cfg.depth_double} double + "
-        f"{cfg.depth_single} single blocks, {args.dtype}")
+  if isinstance(cfg, VAEConfig):
+    print(f"wrote {args.out}: {cfg.family} VAE, {cfg.latent_channels} latent channels, {args.dtype}")
+  else:
+    print(f"wrote {args.out}: {cfg.family}, hidden {cfg.hidden_size}, {cfg.depth_double} double + "
+          f"{cfg.depth_single} single blocks, {args.dtype}")
   return 0

@@ -76,6 +76,8 @@ class CheckpointWriter:
 
 def read_config(path: str | os.PathLike) -> MMDiTConfig:
   path = Path(path)
+  if (path / CONFIG).is_file() and '"kind": "vae"' in (path / CONFIG).read_text():
+    raise CheckpointError(f"{path} is a converted VAE, not a transformer (load it with load_vae)")
   if not (path / CONFIG).is_file() or not (path / PARAMS / _PYTREE).is_dir():
     raise CheckpointError(f"{path} is not a converted checkpoint (expected {CONFIG} and an orbax {PARAMS}/ "
                           "written by `convert`)")

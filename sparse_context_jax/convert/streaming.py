@@ -24,6 +24,7 @@ from sparse_context_jax.convert.safetensors_io import DTYPE_NAMES, SafetensorsWr
 from sparse_context_jax.convert.sources import open_source
 from sparse_context_jax.convert.state_dict import CheckpointError, ModelSpec, _fmt_keys, check_tensors
 from sparse_context_jax.convert.tables import LAYOUTS, rules_for
+from sparse_context_jax.convert.vae_convert import convert_vae, is_vae
 from sparse_context_jax.model.config import MMDiTConfig
 
 SOURCE_DTYPES = tuple(np.dtype(d) for d in ("float64", "float32", "float16", jnp.bfloat16))
@@ -61,7 +62,8 @@ def _progress(total_bytes: int, n_tensors: int, desc: str, enabled: bool | None)
 def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "float32",
                        config: str | None = None, force: bool = False, progress: bool | None = None) -> MMDiTConfig:
   """Converts a PyTorch FLUX transformer checkpoint (file or diffusers folder, BFL or diffusers layout) into a
-  directory `out` of `config.json` + an orbax checkpoint, in `dtype` ("float32" or "bfloat16").
+  directory `out` of `config.json` + an orbax checkpoint, in `dtype` ("float32" or "bfloat16"). A VAE (BFL
+  `ae.safetensors` or a diffusers `vae/` folder) goes to `vae_convert.convert_vae` and returns a `VAEConfig`.
 
   Every tensor name, shape and dtype is checked against the tables before any data is read; any mismatch is a
   `CheckpointError` naming the file and keys. Returns the detected configuration.
@@ -72,6 +74,8 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, dtype:
   check_destination(out, force)
   source = open_source(src)
   try:
+    if is_vae(source.keys(), source.config):
+      return convert_vae(source, out, dtype=out_dtype, config=config, force=force)
     what = source.description
     layout = detect_layout(source.keys(), what)
     shapes = {k: source.shape(k) for k in source.keys()}

@@ -54,6 +54,18 @@ class VAEConfig:
     """Channels of one packed token: 2x2 latent patch."""
     return 4 * self.latent_channels
 
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["block_out_channels"] = list(self.block_out_channels)
+    return d
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "VAEConfig":
+    fields = {f.name for f in dataclasses.fields(cls)}
+    if set(d) - fields or "family" not in d:
+      raise ValueError(f"VAEConfig dict: unknown keys {sorted(set(d) - fields)}, or no family")
+    return cls(**d)
+
   @classmethod
   def from_diffusers(cls, d: dict[str, Any]) -> "VAEConfig":
     """From a diffusers `AutoencoderKL` / `AutoencoderKLFlux2` config.json dict."""
