@@ -16,6 +16,8 @@ COMMANDS = {
     "convert": ("sparse_context_jax.commands.convert", "a PyTorch FLUX checkpoint (BFL or diffusers) to orbax"),
     "demo": ("sparse_context_jax.commands.demo", "presets, then a small model run dense and with sparse references"),
     "export": ("sparse_context_jax.commands.export", "a converted checkpoint back to one .safetensors file"),
+    "generate": ("sparse_context_jax.commands.generate",
+                 "batch generation with sparse references: JSONL jobs -> PNGs and a JSON report"),
     "precompute": ("sparse_context_jax.commands.precompute",
                    "a dataset to VAE latents and text embeddings (ArrayRecord), through pluggable encoders"),
     "presets": ("sparse_context_jax.commands.presets", "the released FLUX architectures: sizes and parameter counts"),

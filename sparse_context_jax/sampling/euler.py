@@ -59,7 +59,9 @@ def _velocity(model, x, t, cond: Conditioning, cfg_scale: float | None):
               y=None if cond.y is None else jnp.concatenate([cond.y, cond.neg_y], axis=0),
               guidance=_double(cond.guidance), img_lengths=_double(cond.img_lengths))
   pos, neg = jnp.split(out[:, :n].astype(jnp.float32), 2, axis=0)
-  return neg + cfg_scale * (pos - neg)
+  scale = jnp.asarray(cfg_scale, jnp.float32)
+  scale = scale.reshape(-1, 1, 1) if scale.ndim else scale   # one scale, or one per example (B,)
+  return neg + scale * (pos - neg)
 
 
 def denoise(model, noise: jax.Array, sigmas: jax.Array, cond: Conditioning, cfg_scale: float | None = None):
