@@ -93,9 +93,9 @@ def _editing(rng: np.random.Generator, size: tuple[int, int]) -> SyntheticExampl
                           f"make the {kind} {new}", "editing")
 
 
-def _composition(rng: np.random.Generator, size: tuple[int, int], max_refs: int) -> SyntheticExample:
+def _composition(rng: np.random.Generator, size: tuple[int, int], min_refs: int, max_refs: int) -> SyntheticExample:
   H, W = size
-  n = int(rng.integers(1, min(max_refs, len(SHAPES), len(PLACES)) + 1))
+  n = int(rng.integers(min_refs, max_refs + 1))
   kinds = [str(k) for k in rng.permutation(SHAPES)[:n]]
   places = [str(p) for p in rng.permutation(list(PLACES))[:n]]
   target = np.broadcast_to(np.asarray(TARGET_GROUND, np.uint8), (H, W, 3)).copy()
@@ -119,40 +119,44 @@ def _composition(rng: np.random.Generator, size: tuple[int, int], max_refs: int)
 
 
 def example(seed: int, index: int, size: tuple[int, int] = (64, 64), max_refs: int = MAX_REFS,
-            tasks: tuple[str, ...] = TASKS) -> SyntheticExample:
-  """Example `index` of the world `seed`: a pure function of its arguments. Tasks alternate by index parity."""
+            tasks: tuple[str, ...] = TASKS, min_refs: int = 1) -> SyntheticExample:
+  """Example `index` of the world `seed`: a pure function of its arguments. Tasks alternate by index parity;
+  composition examples have min_refs..max_refs references (editing ones always 1)."""
   if min(size) < 16:
     raise ValueError(f"size {size} (expected sides of at least 16 pixels)")
-  if not 1 <= max_refs <= MAX_REFS:
-    raise ValueError(f"max_refs {max_refs} (expected 1 to {MAX_REFS})")
+  if not 1 <= min_refs <= max_refs <= MAX_REFS:
+    raise ValueError(f"min_refs {min_refs}, max_refs {max_refs} "
+                     f"(expected 1 <= min_refs <= max_refs <= {MAX_REFS})")
   unknown = set(tasks) - set(TASKS)
   if not tasks or unknown:
     raise ValueError(f"tasks {tasks} (expected a non-empty subset of {TASKS})")
   rng = np.random.default_rng([seed, index])
   task = tasks[index % len(tasks)]
-  return _editing(rng, size) if task == "editing" else _composition(rng, size, max_refs)
+  return _editing(rng, size) if task == "editing" else _composition(rng, size, min_refs, max_refs)
 
 
 class WorldRecords:
   """`count` examples of the world `seed` as `builder.Records` (generated on demand, never held in memory)."""
 
   def __init__(self, count: int, seed: int = 0, size: tuple[int, int] = (64, 64), max_refs: int = MAX_REFS,
-               tasks: tuple[str, ...] = TASKS):
-    example(seed, 0, size, max_refs, tasks)   # validates the arguments before a build starts
-    self.count, self.seed, self.size, self.max_refs, self.tasks = count, seed, tuple(size), max_refs, tuple(tasks)
+               tasks: tuple[str, ...] = TASKS, min_refs: int = 1):
+    example(seed, 0, size, max_refs, tasks, min_refs)   # validates the arguments before a build starts
+    self.count, self.seed, self.size, self.tasks = count, seed, tuple(size), tuple(tasks)
+    self.min_refs, self.max_refs = min_refs, max_refs
     self.sizes = [self.size] * count
 
   def __len__(self) -> int:
     return self.count
 
   def encoded(self, i: int) -> dict:
-    ex = example(self.seed, i, self.size, self.max_refs, self.tasks)
+    ex = example(self.seed, i, self.size, self.max_refs, self.tasks, self.min_refs)
     return dict(target=encode_png(ex.target), references=[encode_png(r) for r in ex.references],
                 masks=[encode_png(m) for m in ex.masks], caption=ex.caption, task=ex.task,
                 origin=f"world seed {self.seed} #{i}")
 
   def metadata(self) -> dict:
-    return {"generator": "synthetic world", "seed": self.seed, "size": list(self.size), "tasks": list(self.tasks)}
+    return {"generator": "synthetic world", "seed": self.seed, "size": list(self.size), "tasks": list(self.tasks),
+            "refs": [self.min_refs, self.max_refs]}
 
 
 def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
