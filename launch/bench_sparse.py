@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +31,7 @@ from sparse_context_jax.model import MMDiT, preset  # noqa: E402
 from sparse_context_jax.model.jitted import JittedMMDiT, flops  # noqa: E402
 from sparse_context_jax.model.positions import text_ids  # noqa: E402
 from sparse_context_jax.sparse import Reference, SparsePacker, SparseRequest, dense_inputs  # noqa: E402
-from sparse_context_jax.sparse.compare import median_seconds  # noqa: E402
+from sparse_context_jax.sparse.compare import interleaved_medians  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -50,7 +49,7 @@ def parse_args(argv=None):
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--attention", default=None, choices=(None, "xla", "cudnn"), help="dot_product_attention impl")
-  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--repeats", type=int, default=10)
   p.add_argument("--out", default="bench_out", help="folder for the plot and the JSON")
   return p.parse_args(argv)
 
@@ -87,24 +86,25 @@ def run(args) -> list[dict]:
     target = latents(n)
     refs = [Reference(latents(n), (args.size, args.size)) for _ in range(n_refs)]
     img, ids = dense_inputs(cfg, target, (args.size, args.size), refs)
-    dense_kw = dict(img=img, img_ids=ids, **common)
-    t0 = time.perf_counter()
-    dense_flops = flops(model.compiled(**dense_kw))
-    compile_dense = time.perf_counter() - t0
-    dense_s = median_seconds(lambda: model(**dense_kw), args.repeats)
-    rows.append(dict(refs=n_refs, keep="dense", bucket=None, seq=img.shape[1], valid=img.shape[1], waste=0.0,
-                     ms=1e3 * dense_s, gflop=dense_flops / 1e9, speedup=1.0, ideal=1.0, compile_s=compile_dense))
-    print(_fmt(rows[-1]), flush=True)
+    runs = {"dense": (None, dict(img=img, img_ids=ids, **common))}
     for keep in args.keeps:
       x = packer(target, (args.size, args.size), refs, SparseRequest(args.strategy, keep=keep))
-      kw = dict(img=x.img, img_ids=x.img_ids, img_lengths=x.img_lengths, **common)
-      t0 = time.perf_counter()
-      f = flops(model.compiled(**kw))
-      compile_s = time.perf_counter() - t0
-      s = median_seconds(lambda: model(**kw), args.repeats)
-      rows.append(dict(refs=n_refs, keep=keep, bucket=x.bucket, seq=x.img.shape[1],
-                       valid=int(np.max(np.asarray(x.img_lengths))), waste=x.padding_waste, ms=1e3 * s,
-                       gflop=f / 1e9, speedup=dense_s / s, ideal=dense_flops / f, compile_s=compile_s))
+      runs[keep] = (x, dict(img=x.img, img_ids=x.img_ids, img_lengths=x.img_lengths, **common))
+    info = {}
+    for name, (x, kw) in runs.items():
+      before = model.programs.count
+      compile_s = model.compile_seconds(**kw)
+      # a program of this sequence length may exist already (another reference count at another keep ratio)
+      info[name] = (compile_s, model.programs.count == before and name != "dense", flops(model.compiled(**kw)))
+    seconds = interleaved_medians({name: (lambda kw=kw: model(**kw)) for name, (_, kw) in runs.items()},
+                                  args.repeats, warmup=2)
+    dense_s, dense_flops = seconds["dense"], info["dense"][2]
+    for name, (x, kw) in runs.items():
+      compile_s, shared, f = info[name]
+      rows.append(dict(refs=n_refs, keep=name, bucket=None if x is None else x.bucket, seq=kw["img"].shape[1],
+                       valid=int(np.max(np.asarray(kw.get("img_lengths", [kw["img"].shape[1]])))),
+                       waste=0.0 if x is None else x.padding_waste, ms=1e3 * seconds[name], gflop=f / 1e9,
+                       speedup=dense_s / seconds[name], ideal=dense_flops / f, compile_s=compile_s, shared=shared))
       print(_fmt(rows[-1]), flush=True)
   return rows
 
@@ -118,7 +118,7 @@ def _fmt(r: dict) -> str:
   bucket = "-" if r["bucket"] is None else f"{r['bucket']:.3g}"
   return (f"{r['refs']:>4} {keep:>6} {bucket:>6} {r['seq'] + 0:>6} {r['valid']:>6} {100 * r['waste']:>5.1f}% "
           f"{r['ms']:>9.2f} {r['gflop']:>9.2f} {r['speedup']:>7.2f}x {r['ideal']:>5.2f}x "
-          f"{r['speedup'] / r['ideal']:>9.2f} {r['compile_s']:>9.2f}")
+          f"{r['speedup'] / r['ideal']:>9.2f} {r['compile_s']:>9.2f}{' (shared)' if r.get('shared') else ''}")
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:

@@ -48,6 +48,21 @@ def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
   return float(np.median(times))
 
 
+def interleaved_medians(fns: dict, repeats: int, warmup: int = 1) -> dict:
+  """Median seconds of each `fns[name]()`, timed in interleaved rounds (one call of each per round), so a slow
+  drift of the machine's speed affects every program alike and their ratios stay honest."""
+  for fn in fns.values():
+    for _ in range(warmup):
+      jax.block_until_ready(fn())
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - t0)
+  return {name: float(np.median(t)) for name, t in times.items()}
+
+
 def compare_dense_sparse(model: JittedMMDiT, packer: SparsePacker, *, txt, timesteps, txt_ids, target_latents,
                          target_size, references: Sequence[Reference], request: SparseRequest, y=None,
                          guidance=None, repeats: int = 3) -> Comparison:
@@ -58,12 +73,13 @@ def compare_dense_sparse(model: JittedMMDiT, packer: SparsePacker, *, txt, times
   dense_kw = dict(img=img, img_ids=img_ids, **common)
   sparse_kw = dict(img=packed.img, img_ids=packed.img_ids, img_lengths=packed.img_lengths, **common)
   n = target_latents.shape[1]
+  seconds = interleaved_medians({"dense": lambda: model(**dense_kw), "sparse": lambda: model(**sparse_kw)}, repeats)
   return Comparison(
       dense=np.asarray(model(**dense_kw))[:, :n],
       sparse=np.asarray(packed.target(model(**sparse_kw))),
       packed=packed,
-      dense_seconds=median_seconds(lambda: model(**dense_kw), repeats),
-      sparse_seconds=median_seconds(lambda: model(**sparse_kw), repeats),
+      dense_seconds=seconds["dense"],
+      sparse_seconds=seconds["sparse"],
       dense_flops=flops(model.compiled(**dense_kw)),
       sparse_flops=flops(model.compiled(**sparse_kw)),
   )
