@@ -31,9 +31,10 @@ def test_presets_command_prints_every_preset_with_its_count():
     assert re.search(rf"^{name}\s.*\s{count_params(cfg):,}\s", r.stdout, re.M), name
 
 
-def test_demo_runs_dense_and_sparse():
+def test_demo_runs_dense_and_sparse(tmp_path):
   r = _run("demo", "--hidden", "128", "--depth", "1", "1", "--size", "64", "--refs", "2", "--txt", "8",
-           "--repeats", "2", "--strategy", "edge", "--tau", "0.5", "--skip-presets")
+           "--repeats", "2", "--strategy", "edge", "--tau", "0.5", "--skip-presets", "--images", "2",
+           "--out", str(tmp_path))
   assert r.returncode == 0, r.stderr
   # 16 target tokens + 2 references x 16 dense; the adaptive budgets fit a bucket of the ladder
   assert re.search(r"^dense\s+-\s+48 \(\s*48, 48\)", r.stdout, re.M), r.stdout
@@ -45,6 +46,9 @@ def test_demo_runs_dense_and_sparse():
   assert [16 + sum(k) for k in kept] == valid
   diff = float(re.search(r"max \|diff\| = (\S+)", r.stdout).group(1))
   assert diff <= 1e-5
+  # batch generation: synthetic-world jobs, dense then sparse, PNGs written
+  assert re.search(r"^dense\s+\[16, 16\]\s+\d", r.stdout, re.M) and re.search(r"^hybrid/saliency", r.stdout, re.M)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["dense_0.png", "dense_1.png", "sparse_0.png", "sparse_1.png"]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -19,7 +19,7 @@ from sparse_context_jax.model import MMDiT, preset
 from sparse_context_jax.model.jitted import JittedMMDiT, flops
 from sparse_context_jax.model.positions import text_ids
 from sparse_context_jax.sparse import STRATEGIES, Reference, SparsePacker, SparseRequest, dense_inputs
-from sparse_context_jax.sparse.compare import median_seconds
+from sparse_context_jax.sparse.compare import interleaved_medians
 
 
 def add_arguments(parser) -> None:
@@ -38,6 +38,9 @@ def add_arguments(parser) -> None:
   parser.add_argument("--repeats", type=int, default=10, help="timed calls per program")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--skip-presets", action="store_true", help="do not print the preset table")
+  parser.add_argument("--images", type=int, default=4, help="synthetic-world jobs of the batch-generation part "
+                      "(0 skips it)")
+  parser.add_argument("--out", default="demo_out", help="folder for the generated PNGs")
 
 
 def _check(args) -> None:
@@ -54,6 +57,8 @@ def _check(args) -> None:
     value = getattr(args, name)
     if value is not None and not 0 < value <= 1:
       problems.append(f"--{name} {value} (expected a ratio in (0, 1])")
+  if args.images < 0:
+    problems.append(f"--images {args.images} (expected >= 0)")
   for name in ("txt", "batch", "repeats"):
     if getattr(args, name) <= 0:
       problems.append(f"--{name} {getattr(args, name)} (expected > 0)")
@@ -111,18 +116,18 @@ def run(args) -> int:
         f"procedural reference image(s) of the same size.")
   print(f"\n{'run':<22} {'bucket':>6} {'image tokens (valid)':>22} {'compile s':>9} {'step ms':>9} {'GFLOP':>9} "
         f"{'speedup':>8} {'ideal':>6}")
-  outputs, base = {}, None
+  kws = {name: {**x, **common} for name, x, _ in runs}
+  seconds = interleaved_medians({name: (lambda kw=kw: model(**kw)) for name, kw in kws.items()}, args.repeats,
+                                warmup=2)
+  outputs = {name: np.asarray(model(**kw))[:, :n] for name, kw in kws.items()}
+  base = (seconds["dense"], flops(model.compiled(**kws["dense"])))
   for name, x, packed in runs:
-    kw = {**x, **common}
-    compiled = model.compiled(**kw)
-    seconds, f = median_seconds(lambda: model(**kw), args.repeats, warmup=2), flops(compiled)
-    outputs[name] = np.asarray(model(**kw))[:, :n]
-    base = base or (seconds, f)
+    kw, f = kws[name], flops(model.compiled(**kws[name]))
     valid = np.asarray(x.get("img_lengths", [x["img"].shape[1]] * B))
     bucket = "-" if packed is None else f"{packed.bucket:.3g}"
     print(f"{name:<22} {bucket:>6} {x['img'].shape[1]:>7} ({', '.join(str(int(v)) for v in valid):>12}) "
-          f"{model.compile_seconds(**kw):>9.2f} {1e3 * seconds:>9.2f} {f / 1e9:>9.3f} {base[0] / seconds:>7.2f}x "
-          f"{base[1] / f:>5.2f}x")
+          f"{model.compile_seconds(**kw):>9.2f} {1e3 * seconds[name]:>9.2f} {f / 1e9:>9.3f} "
+          f"{base[0] / seconds[name]:>7.2f}x {base[1] / f:>5.2f}x")
   dense_out = outputs["dense"]
   keep1 = np.max(np.abs(outputs[runs[1][0]] - dense_out))
   change = np.max(np.abs(outputs[runs[2][0]] - dense_out)) / np.max(np.abs(dense_out))
@@ -131,5 +136,52 @@ def run(args) -> int:
   print(f"keep 1 through the padded path vs dense, target outputs: max |diff| = {keep1:.2e} "
         f"(max |out| = {np.max(np.abs(dense_out)):.2f})")
   print(f"sparse vs dense target outputs (random weights, untrained for sparsity): relative change {change:.2e}")
+  if args.images:
+    _generation(args, model, cfg)
   return 0
 
+
+
+def _generation(args, model: JittedMMDiT, cfg) -> None:
+  """Batch generation of synthetic-world jobs (references, masks, captions with a known answer) through
+  `Generator`: dense references, then the task-aware sparse default (hybrid: edges for editing, saliency for
+  composition) at --keep. Random weights and stand-in prompt embeddings: the PNGs show the pipeline, not a model."""
+  import time
+  from pathlib import Path
+
+  from sparse_context_jax.data.images import encode_png
+  from sparse_context_jax.data.world import example
+  from sparse_context_jax.generate import Generator, Job
+  from sparse_context_jax.generate.jobs import TASK_STRATEGY
+  from sparse_context_jax.model.vae import AutoencoderKL, VAEConfig
+
+  vae_cfg = VAEConfig(family="flux2", block_out_channels=(32, 32, 32, 32), layers_per_block=1, latent_channels=32,
+                      norm_num_groups=8, use_quant_conv=True, use_post_quant_conv=True, scaling_factor=1.0,
+                      shift_factor=0.0)
+  gen = Generator(nnx.merge(model.graphdef, model.state), AutoencoderKL(vae_cfg, rngs=nnx.Rngs(args.seed + 1)),
+                  batch_size=2)
+  rng = np.random.default_rng(args.seed)
+  size = (args.size, args.size)
+  examples = [example(args.seed, i, size, max_refs=args.refs, min_refs=args.refs, tasks=("composition",))
+              for i in range(args.images)]
+  out = Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  print(f"\nBatch generation: {args.images} synthetic-world composition jobs with {args.refs} reference(s) of "
+        f"{args.size}x{args.size}, 4 steps, batches of 2, a small random VAE; PNGs in {out}/")
+  print(f"{'references':<28} {'kept tokens (first job)':>24} {'images/s':>9} {'speedup':>8}")
+  base = None
+  for label, keep in (("dense", 1.0), (f"hybrid/saliency, keep {args.keep or 0.25:g}", args.keep or 0.25)):
+    jobs = [Job(line=i, output=out / f"{'dense' if keep == 1.0 else 'sparse'}_{i}.png",
+                txt=rng.standard_normal((args.txt, cfg.context_dim)).astype(np.float32), y=None, neg_txt=None,
+                neg_y=None, references=[r.astype(np.float32) / 127.5 - 1 for r in ex.references],
+                masks=[m > 0 for m in ex.masks], strategy=TASK_STRATEGY[ex.task][0],
+                hybrid_base=TASK_STRATEGY[ex.task][1], keep=keep, tau=None, size=size, steps=4, guidance=None,
+                cfg=None, seed=i) for i, ex in enumerate(examples)]
+    gen.run_batch([gen.prepare(jobs[0])])            # compile
+    t0 = time.perf_counter()
+    results = list(gen.run(jobs))
+    per_s = len(results) / (time.perf_counter() - t0)
+    for r in results:
+      (out / r.job.output.name).write_bytes(encode_png(r.pixels))
+    base = base or per_s
+    print(f"{label:<28} {str(results[0].prepared.kept):>24} {per_s:>9.2f} {per_s / base:>7.2f}x")
