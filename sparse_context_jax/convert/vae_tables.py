@@ -59,33 +59,29 @@ def vae_table(cfg: VAEConfig, layout: str) -> list[tuple[str, str, str]]:
                       "conv1x1" if bfl else "linear"),
                      (f"{a}.{theirs_bfl if bfl else theirs}.bias", f"{part}.mid.attn.{ours}.bias", "copy")])
 
-  ch, n, levels = cfg.block_out_channels, cfg.layers_per_block, len(cfg.block_out_channels)
+  def levels(part: str, kind: str, channels, blocks: int):
+    """The ResNet levels of the encoder (kind "down") or decoder ("up"); ours and diffusers' count in order of
+    computation, BFL's decoder counts from the output side."""
+    cin = channels[0]
+    for i, cout in enumerate(channels):
+      b = i if kind == "down" else len(channels) - 1 - i
+      for j in range(blocks):
+        src = f"{part}.{kind}.{b}.block.{j}" if bfl else f"{part}.{kind}_blocks.{i}.resnets.{j}"
+        resnet(src, f"{part}.{kind}.{i}.blocks.{j}", j == 0 and cin != cout)
+      if i < len(channels) - 1:
+        conv(f"{part}.{kind}.{b}.{kind}sample.conv" if bfl else f"{part}.{kind}_blocks.{i}.{kind}samplers.0.conv",
+             f"{part}.{kind}.{i}.resample.conv")
+      cin = cout
+
+  ch, n = cfg.block_out_channels, cfg.layers_per_block
   conv("encoder.conv_in", "encoder.conv_in")
-  cin = ch[0]
-  for i, cout in enumerate(ch):
-    for j in range(n):
-      src = f"encoder.down.{i}.block.{j}" if bfl else f"encoder.down_blocks.{i}.resnets.{j}"
-      resnet(src, f"encoder.down.{i}.blocks.{j}", j == 0 and cin != cout)
-    if i < levels - 1:
-      conv(f"encoder.down.{i}.downsample.conv" if bfl else f"encoder.down_blocks.{i}.downsamplers.0.conv",
-           f"encoder.down.{i}.resample.conv")
-    cin = cout
+  levels("encoder", "down", ch, n)
   mid("encoder")
   norm("encoder.norm_out" if bfl else "encoder.conv_norm_out", "encoder.norm_out")
   conv("encoder.conv_out", "encoder.conv_out")
-
   conv("decoder.conv_in", "decoder.conv_in")
   mid("decoder")
-  rch, cin = ch[::-1], ch[-1]
-  for i, cout in enumerate(rch):
-    b = levels - 1 - i   # BFL numbers the decoder levels from the output side
-    for j in range(n + 1):
-      src = f"decoder.up.{b}.block.{j}" if bfl else f"decoder.up_blocks.{i}.resnets.{j}"
-      resnet(src, f"decoder.up.{i}.blocks.{j}", j == 0 and cin != cout)
-    if i < levels - 1:
-      conv(f"decoder.up.{b}.upsample.conv" if bfl else f"decoder.up_blocks.{i}.upsamplers.0.conv",
-           f"decoder.up.{i}.resample.conv")
-    cin = cout
+  levels("decoder", "up", ch[::-1], n + 1)
   norm("decoder.norm_out" if bfl else "decoder.conv_norm_out", "decoder.norm_out")
   conv("decoder.conv_out", "decoder.conv_out")
 
