@@ -21,6 +21,8 @@ COMMANDS = {
     "precompute": ("sparse_context_jax.commands.precompute",
                    "a dataset to VAE latents and text embeddings (ArrayRecord), through pluggable encoders"),
     "presets": ("sparse_context_jax.commands.presets", "the released FLUX architectures: sizes and parameter counts"),
+    "train": ("sparse_context_jax.commands.train",
+              "fine-tune with random-ratio reference-token dropping (sharded, resumable)"),
 }
 
 

@@ -1,0 +1,11 @@
+"""Fine-tuning with random-ratio reference-token dropping (method.md section 2.4).
+
+- `config`: load `configs/FILE.py:ARG`, apply `--config.key=value` overrides, validate before any compile.
+- `standin`: stand-in encoders for the local mode (pixel tokens, hashed caption embedding).
+- `objective`: flow matching on the target tokens with randomly thinned, clean references.
+- `state`: model, optimizer, shardings of the train state.
+- `step`: the jitted, sharded, donated train step (gradient accumulation, EMA).
+- `checkpoint`: orbax checkpoints of the whole run (params, optimizer, step, RNG, data iterator, config).
+- `metrics`: JSONL metrics.
+- `loop`: the train program.
+"""

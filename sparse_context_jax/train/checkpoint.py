@@ -1,0 +1,53 @@
+"""Run checkpoints (orbax, async): the train state (params, optimizer, EMA, RNG, step), the data iterator's state
+and the config, saved together per step; keep-N; resume from the latest.
+
+A checkpoint that exists but cannot be read is an error (`CheckpointError`), never a silent fresh start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+  """A run's checkpoint exists but cannot be restored (or does not match the config)."""
+
+
+class RunCheckpoints:
+  """`<workdir>/checkpoints/<step>/{state, data, meta}`."""
+
+  def __init__(self, workdir: str | os.PathLike, keep: int):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: dict, data_state: dict, config_json: str, force: bool = False) -> None:
+    """Starts an asynchronous save (the arrays are copied before it returns; training goes on)."""
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+                              meta=ocp.args.JsonSave({"step": step, "config": json.loads(config_json)}))
+    self.manager.save(step, args=args, force=force)
+
+  def restore(self, step: int, abstract_state: dict) -> tuple[dict, dict, dict]:
+    """(state in the shardings of `abstract_state`, data iterator state, meta) of `step`."""
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+                              meta=ocp.args.JsonRestore())
+    try:
+      got = self.manager.restore(step, args=args)
+    except Exception as e:  # noqa: BLE001 - orbax raises many types; every one of them is fatal here
+      raise CheckpointError(f"cannot restore step {step} from {self.directory}: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''} (remove the step folder to fall back to "
+                            "an earlier one, or use a new --workdir)") from e
+    return got["state"], got["data"], got["meta"]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

@@ -1,0 +1,160 @@
+"""Train configs: `get_config(arg)` Python files, overrides `key=value` (type-checked), validation.
+
+Everything a user can get wrong in a config is checked here, before a model is built or a program compiled.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import ml_collections
+
+from sparse_context_jax.model.config import MMDiTConfig, preset
+from sparse_context_jax.sparse.buckets import BucketLadder
+
+
+class ConfigError(ValueError):
+  """A config the train program cannot run: one line saying which key and what was expected."""
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """`path/to/file.py` or `path/to/file.py:ARG` -> `get_config(ARG)` of that file."""
+  path, _, arg = spec.partition(":")
+  file = Path(path)
+  if not file.is_file():
+    raise ConfigError(f"config file {path!r} not found")
+  # Configs import their base as `configs.base`: put the folder holding the configs package on the path.
+  if (file.resolve().parent / "__init__.py").exists():
+    root = str(file.resolve().parent.parent)
+    if root not in sys.path:
+      sys.path.insert(0, root)
+  module_spec = importlib.util.spec_from_file_location(f"_scj_config_{file.stem}", file)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {path!r} has no get_config(arg)")
+  try:
+    config = module.get_config(arg or None)
+  except (KeyError, ValueError) as e:
+    raise ConfigError(f"config {spec!r}: {e}") from None
+  return config
+
+
+def _parse_value(text: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text   # a bare string
+
+
+def override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
+  """Sets `config.<key>` (dotted) from `text`, refusing unknown keys and values of another type."""
+  *parents, leaf = key.split(".")
+  node = config
+  for i, name in enumerate(parents):
+    if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+      raise ConfigError(f"unknown config key {'.'.join(parents[:i + 1])!r} (in --config.{key})")
+    node = node[name]
+  if not isinstance(node, (ml_collections.ConfigDict, dict)) or leaf not in node:
+    raise ConfigError(f"unknown config key {key!r}")
+  old, value = node[leaf], _parse_value(text)
+  if isinstance(old, bool) and isinstance(value, str) and value.lower() in ("true", "false"):
+    value = value.lower() == "true"
+  if isinstance(old, (tuple, list)) and isinstance(value, (int, float)) and not isinstance(value, bool):
+    value = (value,)
+  if isinstance(old, str) and not isinstance(value, str):
+    value = text   # "--config.model.init=123" is the string "123"
+  if isinstance(old, (tuple, list)):
+    value = tuple(value) if isinstance(value, (tuple, list)) else value
+  if old is not None and not _same_kind(old, value):
+    raise ConfigError(f"--config.{key}={text}: expected a {type(old).__name__} like {old!r}")
+  try:
+    node[leaf] = value
+  except TypeError as e:
+    raise ConfigError(f"--config.{key}={text}: {e}") from None
+
+
+def _same_kind(old, new) -> bool:
+  if isinstance(old, bool) or isinstance(new, bool):
+    return isinstance(old, bool) and isinstance(new, bool)
+  if isinstance(old, float):
+    return isinstance(new, (int, float))
+  if isinstance(old, (tuple, list)):
+    return isinstance(new, (tuple, list))
+  return isinstance(new, type(old)) or isinstance(old, (dict, ml_collections.ConfigDict))
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
+  """`["model.dtype=float32", ...]` (the `--config.` prefix already removed)."""
+  for item in overrides:
+    key, eq, text = item.partition("=")
+    if not eq:
+      raise ConfigError(f"--config.{item}: expected --config.KEY=VALUE")
+    override(config, key, text)
+  return config
+
+
+def model_config(config) -> MMDiTConfig:
+  try:
+    return preset(config.model.preset).replace(**dict(config.model.arch))
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"model: {e}") from None
+
+
+def validate(config, num_devices: int) -> None:
+  """Raises `ConfigError` on the first problem a run would hit; needs no model, data or compile."""
+  from sparse_context_jax.parallel.mesh import mesh_shape
+  model_config(config)
+  for key in ("dtype", "param_dtype"):
+    if config.model[key] not in ("float32", "bfloat16"):
+      raise ConfigError(f"model.{key}={config.model[key]!r} (expected 'float32' or 'bfloat16')")
+  if config.model.remat not in ("none", "full", "dots", "dots_no_batch"):
+    raise ConfigError(f"model.remat={config.model.remat!r} (expected none, full, dots or dots_no_batch)")
+  if config.model.init and not (Path(config.model.init) / "config.json").is_file():
+    raise ConfigError(f"model.init={config.model.init!r}: no converted checkpoint there (expected the output of "
+                      "`convert`, a folder with config.json)")
+  try:
+    data, fsdp, tensor = mesh_shape(config.mesh, num_devices)
+  except ValueError as e:
+    raise ConfigError(f"mesh: {e}") from None
+  t = config.train
+  if t.batch_size <= 0 or t.grad_accum <= 0 or t.batch_size % t.grad_accum:
+    raise ConfigError(f"train.batch_size={t.batch_size} must be a positive multiple of train.grad_accum="
+                      f"{t.grad_accum}")
+  if (t.batch_size // t.grad_accum) % (data * fsdp):
+    raise ConfigError(f"micro-batch {t.batch_size // t.grad_accum} (train.batch_size / train.grad_accum) is not "
+                      f"divisible by the data axes data x fsdp = {data} x {fsdp} = {data * fsdp}")
+  if t.steps <= 0 or t.warmup_steps < 0 or t.lr <= 0:
+    raise ConfigError(f"train.steps={t.steps}, warmup_steps={t.warmup_steps}, lr={t.lr}: expected > 0, >= 0, > 0")
+  if t.schedule not in ("cosine", "constant"):
+    raise ConfigError(f"train.schedule={t.schedule!r} (expected 'cosine' or 'constant')")
+  if not 0 <= t.ema_decay < 1:
+    raise ConfigError(f"train.ema_decay={t.ema_decay} (expected 0 <= decay < 1; 0 disables EMA)")
+  o = config.objective
+  try:
+    BucketLadder(tuple(o.ladder))
+  except ValueError as e:
+    raise ConfigError(f"objective.ladder: {e}") from None
+  if o.keep_dist not in ("ladder", "uniform"):
+    raise ConfigError(f"objective.keep_dist={o.keep_dist!r} (expected 'ladder' or 'uniform')")
+  if not (0 < o.keep_low <= o.keep_high <= 1):
+    raise ConfigError(f"keep-ratio distribution [{o.keep_low}, {o.keep_high}] (objective.keep_low, keep_high) "
+                      "must lie in (0, 1] with low <= high")
+  if not 0 <= o.dense_prob <= 1:
+    raise ConfigError(f"objective.dense_prob={o.dense_prob} (expected a probability in [0, 1])")
+  if not (math.isfinite(o.logit_std) and o.logit_std > 0):
+    raise ConfigError(f"objective.logit_std={o.logit_std} (expected > 0)")
+  if config.data.encoder != "pixels":
+    raise ConfigError(f"data.encoder={config.data.encoder!r}: only the 'pixels' stand-in is wired in so far")
+  if config.data.text != "hashed":
+    raise ConfigError(f"data.text={config.data.text!r}: only the 'hashed' stand-in exists until text encoders land")
+  if config.checkpoint.every <= 0 or config.checkpoint.keep <= 0 or config.log.every <= 0:
+    raise ConfigError("checkpoint.every, checkpoint.keep and log.every must be > 0")
+  rules = dict(config.sharding_rules)
+  bad = {k: v for k, v in rules.items() if v not in (None, "data", "fsdp", "tensor")}
+  if bad:
+    raise ConfigError(f"sharding_rules {bad}: mesh axes are data, fsdp, tensor (or None)")

@@ -1,0 +1,147 @@
+"""The train program, one linear function with banner sections (config, mesh, input, model, state, loop).
+
+    state = train(config, workdir)   # resumes from <workdir>/checkpoints when there is one
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import time
+
+import grain
+import jax
+import numpy as np
+import tqdm
+
+from sparse_context_jax.data.pipeline import make_pipeline
+from sparse_context_jax.parallel import batch_sharding, make_mesh
+from sparse_context_jax.sparse.pack import SparsePacker
+from sparse_context_jax.sparse.buckets import BucketLadder
+from sparse_context_jax.train import config as C
+from sparse_context_jax.train.checkpoint import RunCheckpoints
+from sparse_context_jax.train.metrics import MetricsWriter
+from sparse_context_jax.train.objective import keep_ratio
+from sparse_context_jax.train.standin import HashedText, pixel_tokens
+from sparse_context_jax.train.state import DTYPES, init_state, setup
+from sparse_context_jax.train.step import compile_step
+
+
+def dataset_path(config, workdir: str) -> str:
+  """`data.path`, or the synthetic world `data.world` written once under the workdir."""
+  if config.data.path:
+    return config.data.path
+  from sparse_context_jax.data import WorldRecords, write_dataset
+  path = os.path.join(workdir, "world")
+  if not os.path.exists(os.path.join(path, "metadata.json")) and not os.path.isdir(path):
+    w = config.data.world
+    if jax.process_index() == 0:
+      records = WorldRecords(w.count, w.seed, tuple(w.size), w.max_refs, tuple(w.tasks))
+      write_dataset(records, path, max_refs=w.max_refs, metadata=records.metadata())
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("world dataset written")
+  return path
+
+
+def host_batch(raw: dict, cfg, text: HashedText) -> dict:
+  """A pipeline batch (pixels, captions) -> this process's model batch (numpy; see `objective.loss_sums`)."""
+  txt, y = text([str(c) for c in raw["caption"]])
+  batch = {"target": pixel_tokens(raw["target"], cfg.in_channels),
+           "refs": pixel_tokens(raw["references"], cfg.in_channels),
+           "ref_valid": raw["ref_valid"], "txt": txt, "weight": raw["valid"].astype(np.float32)}
+  if cfg.pooled_dim:
+    batch["y"] = y
+  return batch
+
+
+def train(config, workdir: str, *, stop_after: int | None = None, devices=None) -> dict:
+  """Runs (or resumes) the run in `workdir` up to `config.train.steps`, or `stop_after` more steps; returns the
+  final state. Saves every `checkpoint.every` steps, at the end, and on SIGTERM (then returns). `devices`: the
+  mesh's devices (default all)."""
+  # ---- Config and mesh ---------------------------------------------------------------------------------------
+  devices = jax.devices() if devices is None else list(devices)
+  C.validate(config, len(devices))
+  cfg = C.model_config(config)
+  mesh = make_mesh(config.mesh, devices)
+  os.makedirs(workdir, exist_ok=True)
+  log = MetricsWriter(workdir)
+  t = config.train
+
+  # ---- Input: this process's share of every global batch -----------------------------------------------------
+  per_process = t.batch_size // jax.process_count()
+  pipeline = make_pipeline(
+      dataset_path(config, workdir), batch_size=per_process, resolution=config.data.resolution,
+      seed=config.data.seed, max_refs=config.data.max_refs, worker_count=config.data.worker_count,
+      shard=grain.sharding.ShardOptions(jax.process_index(), jax.process_count()))
+  data = iter(pipeline)
+  text = HashedText(config.data.txt_len, cfg.context_dim, cfg.pooled_dim)
+
+  # ---- Model and train state: resume, else initialise (from a converted checkpoint or at random) -------------
+  s = setup(config, cfg, mesh)
+  ckpt = RunCheckpoints(workdir, config.checkpoint.keep)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state, data_state, _ = ckpt.restore(latest, s.abstract)
+    data.set_state(data_state)
+  else:
+    params = None
+    if config.model.init:
+      from sparse_context_jax.convert.checkpoint import load_model
+      from flax import nnx
+      loaded = load_model(config.model.init, dtype=DTYPES[config.model.param_dtype], mesh=mesh)
+      params = jax.device_put(nnx.state(loaded, nnx.Param).to_pure_dict(), s.shardings["params"])
+    state = init_state(config, cfg, s, params)
+  start = int(jax.device_get(state["step"]))
+
+  # ---- Loop ---------------------------------------------------------------------------------------------------
+  packer = SparsePacker(cfg, BucketLadder(tuple(config.objective.ladder)), max_refs=config.data.max_refs)
+  programs: dict = {}
+  ratios = collections.Counter()
+  stop = {"signal": None}
+  previous = signal.signal(signal.SIGTERM, lambda sig, frame: stop.update(signal=sig))
+  end = t.steps if stop_after is None else min(t.steps, start + stop_after)
+  bar = tqdm.tqdm(total=end, initial=start, disable=not config.log.progress or jax.process_index() != 0)
+  config_json = config.to_json_best_effort()
+  step, last = start, time.perf_counter()
+  try:
+    while step < end:
+      raw = next(data)
+      local = host_batch(raw, cfg, text)
+      batch = {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
+               for k, v in local.items()}
+      ratio = keep_ratio(config.objective, config.seed, step)
+      grid = (raw["target"].shape[1] // 16, raw["target"].shape[2] // 16)
+      key = (ratio, grid, tuple(sorted((k, v.shape) for k, v in batch.items())))
+      if key not in programs:
+        tic = time.perf_counter()
+        programs[key] = compile_step(s, packer, config, ratio, grid, batch).lower(state, batch).compile()
+        log.write({"event": "compile", "step": step, "keep": ratio, "grid": list(grid),
+                   "seconds": round(time.perf_counter() - tic, 3)})
+        last += time.perf_counter() - tic   # compile time is not step time
+      state, metrics = programs[key](state, batch)
+      step += 1
+      ratios[ratio] += 1
+      bar.update(1)
+      if step % config.log.every == 0 or step == end:
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        seconds = (now - last) / (config.log.every if step % config.log.every == 0 else 1)
+        refs = local["refs"].shape[1]
+        seq = local["txt"].shape[1] + grid[0] * grid[1] * (1 + refs * ratio)
+        log.write({"step": step, **m, "keep": ratio, "step_seconds": seconds, "examples_per_s": t.batch_size / seconds,
+                   "tokens_per_s": t.batch_size * seq / seconds,
+                   "keep_histogram": {str(k): v for k, v in sorted(ratios.items())}})
+        bar.set_postfix(loss=f"{m['loss']:.4f}", keep=ratio)
+        last = now
+      if step % config.checkpoint.every == 0 or step == end or stop["signal"] is not None:
+        ckpt.save(step, state, data.get_state(), config_json, force=True)
+      if stop["signal"] is not None:
+        log.write({"event": "preempted", "step": step})
+        break
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+    bar.close()
+    ckpt.close()
+  return state

@@ -1,0 +1,112 @@
+"""The train state and where it lives: model definition, optimizer, and the shardings of everything.
+
+The state is a dict pytree `{params, opt, ema?, rng, step}` of pure arrays (what `jax.jit` and orbax see);
+the model structure stays on the host as an `nnx` graphdef and is merged back inside the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from sparse_context_jax.model.config import MMDiTConfig
+from sparse_context_jax.model.mmdit import MMDiT
+from sparse_context_jax.parallel import param_shardings, replicated
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def model_kwargs(config) -> dict:
+  m = config.model
+  return dict(dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype], scan_layers=m.scan_layers, remat=m.remat,
+              attention_impl=m.attention_impl or None)
+
+
+def schedule(t) -> optax.Schedule:
+  """Linear warmup to `lr`, then cosine decay to `lr * end_lr_factor` at `steps`, or constant."""
+  if t.schedule == "constant":
+    return optax.join_schedules([optax.linear_schedule(0.0, t.lr, max(1, t.warmup_steps)),
+                                 optax.constant_schedule(t.lr)], [t.warmup_steps])
+  return optax.warmup_cosine_decay_schedule(0.0, t.lr, t.warmup_steps, max(t.steps, t.warmup_steps + 1),
+                                            end_value=t.lr * t.end_lr_factor)
+
+
+def _decay_mask(params):
+  """Weight decay on matrices only: never on norm scales and biases."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
+
+
+def optimizer(t) -> optax.GradientTransformation:
+  return optax.chain(optax.clip_by_global_norm(t.clip_norm),
+                     optax.adamw(schedule(t), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=_decay_mask))
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything static about a run: the model graph, the optimizer and the shardings of the state."""
+
+  graphdef: nnx.GraphDef
+  abstract: dict            # the state as jax.ShapeDtypeStruct with shardings (the orbax restore target)
+  shardings: dict
+  tx: optax.GradientTransformation
+  mesh: Mesh
+
+
+def setup(config, cfg: MMDiTConfig, mesh: Mesh) -> Setup:
+  """The abstract state and its shardings, computed without allocating a parameter."""
+  abstract_model = nnx.eval_shape(lambda: MMDiT(cfg, rngs=nnx.Rngs(0), **model_kwargs(config)))
+  graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+  param_sh = param_shardings(mesh, abstract_params, dict(config.sharding_rules)).to_pure_dict()
+  params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), abstract_params.to_pure_dict())
+  tx = optimizer(config.train)
+  opt = jax.eval_shape(tx.init, params)
+  # Moments follow their parameter; scalars (counts) are replicated (optax would put them on device 0).
+  opt_sh = _like_params(opt, params, param_sh, replicated(mesh))
+  shardings = {"params": param_sh, "opt": opt_sh, "rng": replicated(mesh), "step": replicated(mesh)}
+  abstract = {"params": params, "opt": opt, "rng": jax.eval_shape(lambda: jax.random.key_data(
+      jax.random.key(0))), "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  if config.train.ema_decay:
+    shardings["ema"], abstract["ema"] = param_sh, params
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  return Setup(graphdef, abstract, shardings, tx, mesh)
+
+
+def _like_params(opt, params, param_sh, scalar_sh):
+  """Shardings of an optimizer state: subtrees shaped like `params` take `param_sh`, other leaves scalar_sh."""
+  params_def = jax.tree.structure(params)
+
+  def visit(node):
+    if jax.tree.structure(node) == params_def:
+      return param_sh
+    if isinstance(node, jax.ShapeDtypeStruct):
+      return scalar_sh
+    if isinstance(node, tuple) and hasattr(node, "_fields"):
+      return type(node)(*(visit(x) for x in node))
+    if isinstance(node, (tuple, list)):
+      return type(node)(visit(x) for x in node)
+    if isinstance(node, dict):
+      return {k: visit(v) for k, v in node.items()}
+    return jax.tree.map(lambda _: scalar_sh, node)
+
+  return visit(opt)
+
+
+def init_state(config, cfg: MMDiTConfig, s: Setup, params=None) -> dict:
+  """A fresh state, created directly in its shardings: random parameters from `config.seed`, or `params`
+  (already sharded, e.g. from `load_model`)."""
+  def make(p):
+    if p is None:
+      model = MMDiT(cfg, rngs=nnx.Rngs(config.seed), **model_kwargs(config))
+      p = nnx.state(model, nnx.Param).to_pure_dict()
+    state = {"params": p, "opt": s.tx.init(p), "step": jnp.zeros((), jnp.int32),
+             "rng": jax.random.key_data(jax.random.key(config.seed))}
+    if config.train.ema_decay:
+      state["ema"] = jax.tree.map(jnp.copy, p)
+    return state
+
+  return jax.jit(make, out_shardings=s.shardings)(params)

@@ -1,0 +1,139 @@
+"""Training: config errors before any compile, keep-ratio draws, sharding rules, resume, sharded == unsharded."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from sparse_context_jax import cli
+from sparse_context_jax.parallel import make_mesh, mesh_shape, param_sharding
+from sparse_context_jax.train import config as C
+from sparse_context_jax.train.checkpoint import CheckpointError
+from sparse_context_jax.train.metrics import read_metrics
+from sparse_context_jax.train.objective import keep_ratio
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+# One keep-ratio rung (one compiled program per run), no progress bar: the tests pay few compiles.
+FAST = ["objective.keep_low=0.25", "objective.keep_high=0.25", "objective.dense_prob=0.0", "log.progress=False",
+        "data.world.count=16", "train.warmup_steps=1"]
+
+
+def tiny(*overrides):
+  return C.apply_overrides(C.load(TINY), FAST + list(overrides))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("nope=1", "unknown config key 'nope'"),
+    ("train.nope=1", "unknown config key 'train.nope'"),
+    ("train.lr=abc", "expected a float"),
+    ("objective.keep_low=0", "must lie in (0, 1]"),
+    ("objective.keep_high=1.5", "must lie in (0, 1]"),
+    ("mesh=(2, 1, 1)", "needs 2 devices, but 1 are available"),
+    ("model.init=/no/such/checkpoint", "no converted checkpoint there"),
+])
+def test_bad_config_is_one_line_before_any_compile(override, message, tmp_path, capsys):
+  rc = cli.main(["train", "--config", TINY, "--workdir", str(tmp_path / "run"), f"--config.{override}"])
+  err = capsys.readouterr().err.strip()
+  assert rc == 2 and err.startswith("error: ") and message in err and "\n" not in err
+  assert not (tmp_path / "run").exists()   # failed before the workdir, the data or a program
+
+
+def test_batch_not_divisible_by_data_axes():
+  c = tiny("mesh=(2, 4, 1)", "train.batch_size=12")
+  with pytest.raises(C.ConfigError, match=r"micro-batch 12 .* data x fsdp = 2 x 4 = 8"):
+    C.validate(c, num_devices=8)
+  C.validate(tiny("mesh=(2, 4, 1)", "train.batch_size=16"), num_devices=8)
+  with pytest.raises(C.ConfigError, match="not divisible"):
+    C.validate(tiny("mesh=(-1, 3, 1)"), num_devices=8)
+
+
+def test_mesh_fill():
+  assert mesh_shape((-1, 2, 1), 8) == (4, 2, 1)
+  assert make_mesh((-1, 1, 1)).shape == {"data": 1, "fsdp": 1, "tensor": 1}
+
+
+def test_rules_never_split_layers_and_skip_indivisible_axes():
+  mesh = jax.sharding.AbstractMesh((2, 4, 2), ("data", "fsdp", "tensor"))
+  # stacked qkv kernel (layers, embed, qkv, heads, head_dim): embed -> fsdp, heads -> tensor, layers whole
+  assert tuple(param_sharding(mesh, (4, 32, 3, 2, 16), ("embed", "qkv", "heads", "head_dim")).spec) == \
+      (None, "fsdp", None, "tensor", None)
+  # 3 heads do not divide over tensor = 2: replicated on that axis; embed 30 not divisible by fsdp = 4
+  assert tuple(param_sharding(mesh, (30, 3, 16), ("embed", "heads", "head_dim")).spec) == (None, None, None)
+  # a mesh axis is used once per parameter (adaLN: embed_in, mod, embed)
+  assert tuple(param_sharding(mesh, (32, 2, 32), ("embed_in", "mod", "embed")).spec) == (None, None, "fsdp")
+
+
+def test_keep_ratio_draws_rungs_in_range_and_dense_share():
+  o = tiny("objective.keep_low=0.1", "objective.keep_high=0.5", "objective.dense_prob=0.25").objective
+  draws = [keep_ratio(o, seed=3, step=s) for s in range(2000)]
+  assert set(draws) == {0.125, 0.25, 0.375, 0.5, 1.0}
+  assert abs(draws.count(1.0) / len(draws) - 0.25) < 0.04
+  assert draws == [keep_ratio(o, seed=3, step=s) for s in range(2000)]   # a function of (seed, step)
+  o = tiny("objective.keep_dist=uniform", "objective.keep_low=0.3", "objective.keep_high=0.4").objective
+  assert {keep_ratio(o, seed=0, step=s) for s in range(200)} == {0.375, 0.5}   # snapped up to the ladder
+
+
+def _params(state):
+  return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(state["params"])}
+
+
+def test_resume_gives_the_identical_next_steps_and_bad_checkpoints_fail(tmp_path):
+  from sparse_context_jax.train.loop import train
+  c = tiny("train.steps=4", "checkpoint.every=2")
+  straight = _params(train(c, str(tmp_path / "a")))
+  train(c, str(tmp_path / "b"), stop_after=2)
+  resumed = _params(train(c, str(tmp_path / "b")))
+  assert straight.keys() == resumed.keys()
+  for k in straight:
+    np.testing.assert_array_equal(straight[k], resumed[k], err_msg=k)
+  losses = lambda d: [(m["step"], m["loss"]) for m in read_metrics(tmp_path / d) if "loss" in m]
+  assert losses("a") == losses("b")
+  # An unreadable latest checkpoint is an error, not a fresh start.
+  state_dir = tmp_path / "b" / "checkpoints" / "4" / "state"
+  shutil.rmtree(state_dir)
+  state_dir.mkdir()
+  with pytest.raises(CheckpointError, match="cannot restore step 4"):
+    train(c, str(tmp_path / "b"))
+
+
+SHARDED = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np
+    sys.path.insert(0, {root!r})
+    from sparse_context_jax.train import config as C
+    from sparse_context_jax.train.loop import train
+    out = {{}}
+    for mesh, devices in (("(1, 1, 1)", 1), ("(8, 1, 1)", 8), ("(2, 4, 1)", 8), ("(2, 2, 2)", 8)):
+      c = C.apply_overrides(C.load({tiny!r}), {fast!r} + ["train.steps=3", "mesh=" + mesh,
+                                                          "data.path=" + {data!r}])
+      state = train(c, {work!r} + mesh.replace(" ", ""), devices=jax.devices()[:devices])
+      out[mesh] = {{jax.tree_util.keystr(p): np.asarray(v).tolist()
+                   for p, v in jax.tree_util.tree_leaves_with_path(state["params"])}}
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def test_sharded_equals_unsharded(tmp_path):
+  """3 steps of the tiny model on meshes 8x1x1, 2x4x1, 2x2x2 of 8 fake CPU devices equal one device."""
+  from sparse_context_jax.train.loop import dataset_path
+  data = dataset_path(tiny(), str(tmp_path))   # the world, written once for all four runs
+  script = SHARDED.format(root=ROOT, tiny=TINY, fast=FAST, data=data, work=str(tmp_path / "run"))
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.split("RESULT", 1)[1])
+  ref = out.pop("(1, 1, 1)")
+  for mesh, params in out.items():
+    for k, v in ref.items():
+      a, b = np.asarray(params[k]), np.asarray(v)
+      rel = np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12)
+      assert rel <= 1e-5, (mesh, k, rel)
