@@ -125,6 +125,11 @@ def test_fifty_requests_compile_no_more_programs_than_the_ladder_allows():
   # per sequence length (rungs of different reference counts can share one).
   assert packer.programs.count == len(hit) <= 4 * len(ladder)
   assert model.programs.count == len(lengths) <= len(hit)
+  # adaptive budgets: new tau values reuse the budget program and the rungs' packing programs
+  refs = [Reference(rng.standard_normal((1, 16, cfg.in_channels)).astype(np.float32), (64, 64),
+                    pixels=rng.random((1, 64, 64, 3)).astype(np.float32)) for _ in range(2)]
+  rungs = {packer(target, size, refs, SparseRequest("edge", tau=float(t))).bucket for t in rng.uniform(0.05, 1, 12)}
+  assert packer.budget_programs.count == 1 and packer.programs.count == len(hit) + len(rungs)
 
 
 def test_bucket_ladder():

@@ -161,7 +161,9 @@ class SparsePacker:
     tokens = [r.tokens for r in references]
     B = target_latents.shape[0]
     if request.tau is not None:
-      budgets = np.asarray(self.budget_programs(refs, self._key(request), **self._static(references, request)))
+      budgets = np.asarray(self.budget_programs(refs, self._key(request), jnp.float32(request.tau),
+                                                **self._static(references, request),
+                                                min_keep=float(request.min_keep), max_keep=float(request.max_keep)))
     else:
       if request.budgets is not None:
         per_ref = list(request.budgets)
@@ -224,16 +226,16 @@ class SparsePacker:
     return jax.random.PRNGKey(request.seed)
 
   def _static(self, references, request) -> dict:
+    """What the scores depend on beyond array shapes (a new value compiles a new program)."""
     return dict(grids=tuple(r.grid for r in references), strategy=request.strategy,
-                hybrid_base=request.hybrid_base, grid_share=float(request.grid_share),
-                tau=request.tau, min_keep=float(request.min_keep), max_keep=float(request.max_keep))
+                hybrid_base=request.hybrid_base, grid_share=float(request.grid_share))
 
   # ---- jitted programs ---------------------------------------------------------------------------------------
   def _all_scores(self, refs, key, grids, strategy, hybrid_base, grid_share):
     keys = jax.random.split(key, len(refs))
     return [_ref_scores(strategy, r, g, k, hybrid_base, grid_share) for r, g, k in zip(refs, grids, keys)]
 
-  def _adaptive_budgets(self, refs, key, *, grids, strategy, hybrid_base, grid_share, tau, min_keep, max_keep):
+  def _adaptive_budgets(self, refs, key, tau, *, grids, strategy, hybrid_base, grid_share, min_keep, max_keep):
     del key, grid_share
     if strategy == "hybrid":   # the budget follows the information of the base scores, not the merged order
       strategy = hybrid_base
@@ -244,9 +246,7 @@ class SparsePacker:
                                      fixed_budget(max_keep, m)))
     return jnp.stack(budgets, axis=1)
 
-  def _pack(self, target, refs, budgets, key, *, target_grid, capacities, grids, strategy, hybrid_base, grid_share,
-            tau, min_keep, max_keep):
-    del tau, min_keep, max_keep   # budgets arrive computed
+  def _pack(self, target, refs, budgets, key, *, target_grid, capacities, grids, strategy, hybrid_base, grid_share):
     cfg, B, N = self.cfg, target.shape[0], target.shape[1]
     scores = self._all_scores(refs, key, grids, strategy, hybrid_base, grid_share)
     tokens, ids, valid = [], [], []

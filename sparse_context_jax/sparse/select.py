@@ -17,7 +17,7 @@ def fixed_budget(keep: float, tokens: int) -> int:
   return min(tokens, max(1, math.ceil(keep * tokens - 1e-9)))
 
 
-def adaptive_budget(mass: jax.Array, tau: float, k_min: int, k_max: int) -> jax.Array:
+def adaptive_budget(mass: jax.Array, tau: float | jax.Array, k_min: int, k_max: int) -> jax.Array:
   """Per example, the smallest k whose top-k share of `mass` reaches `tau`, clipped to [k_min, k_max].
 
   mass (B, M) non-negative (negative values count as 0; all-zero means uniform) -> (B,) int32. The budget grows
@@ -29,7 +29,7 @@ def adaptive_budget(mass: jax.Array, tau: float, k_min: int, k_max: int) -> jax.
   share = jnp.where(total > 0, mass / jnp.where(total > 0, total, 1), 1.0 / m)
   cumulative = jnp.cumsum(-jnp.sort(-share, axis=-1), axis=-1)
   # Count the prefixes still short of tau (with float32 slack); k is one more.
-  k = jnp.full(mass.shape[:-1], m) if tau >= 1 else jnp.sum(cumulative < tau - 1e-6, axis=-1) + 1
+  k = jnp.where(tau >= 1, m, jnp.sum(cumulative < tau - 1e-6, axis=-1) + 1)   # tau may be traced
   return jnp.clip(k, k_min, k_max).astype(jnp.int32)
 
 
