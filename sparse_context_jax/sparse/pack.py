@@ -152,7 +152,7 @@ class SparsePacker:
   def __init__(self, cfg: MMDiTConfig, ladder: BucketLadder = BucketLadder(), max_refs: int | None = None):
     self.cfg, self.ladder = cfg, ladder
     self.max_refs = (1 if cfg.family == "flux1" else 4) if max_refs is None else max_refs
-    self.programs = ProgramCache(self._pack, "pack")
+    self.programs = ProgramCache(self.pack_traced, "pack")
     self.budget_programs = ProgramCache(self._adaptive_budgets, "budgets")
 
   # ---- host side -------------------------------------------------------------------------------------------
@@ -246,7 +246,15 @@ class SparsePacker:
                                      fixed_budget(max_keep, m)))
     return jnp.stack(budgets, axis=1)
 
-  def _pack(self, target, refs, budgets, key, *, target_grid, capacities, grids, strategy, hybrid_base, grid_share):
+  def pack_traced(self, target, refs, budgets, key, *, target_grid, capacities, grids, strategy="random",
+                  hybrid_base="edge", grid_share=0.25):
+    """The jittable core, for callers that trace packing into a larger program (the train step).
+
+    target (B, N, C); refs: list of dicts with "latents" (B, M_i, C) (and "pixels" / "mask" as the strategy
+    needs); budgets (B, R) int32 kept tokens, each <= its capacity (0 makes the whole reference padding); key: PRNG
+    key of `random`; static: the target grid, per-reference capacities and grids, the strategy options.
+    Returns img (B, N + sum(capacities), C), img_ids, img_lengths (B,).
+    """
     cfg, B, N = self.cfg, target.shape[0], target.shape[1]
     scores = self._all_scores(refs, key, grids, strategy, hybrid_base, grid_share)
     tokens, ids, valid = [], [], []

@@ -8,7 +8,6 @@ predicts `eps - x0`, the loss is the mean squared error over the target tokens o
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import jax
@@ -69,13 +68,9 @@ def loss_sums(model, packer: SparsePacker, objective, batch: dict, key: jax.Arra
   # Absent reference slots get a zero budget: all their slots become padding.
   budgets = jnp.where(batch["ref_valid"], fixed_budget(ratio, M), 0).astype(jnp.int32)
   refs = [{"latents": batch["refs"][:, i].astype(jnp.float32)} for i in range(R)]
-  # The packer's jittable core, traced into the train step (one program). It is private and its static
-  # options have changed; pass the ones it takes (the budgets arrive computed, so budget options are unused).
-  static = dict(target_grid=grid, capacities=(fixed_budget(ratio, M),) * R, grids=(grid,) * R, strategy="random",
-                hybrid_base="edge", grid_share=0.0, tau=None, min_keep=1.0, max_keep=1.0)
-  accepted = inspect.signature(packer._pack).parameters
-  img, img_ids, lengths = packer._pack(x_t, refs, budgets, k_drop,
-                                       **{k: v for k, v in static.items() if k in accepted})
+  # The packer's jittable core, traced into the train step (one program per rung); budgets arrive computed.
+  img, img_ids, lengths = packer.pack_traced(x_t, refs, budgets, k_drop, target_grid=grid,
+                                             capacities=(fixed_budget(ratio, M),) * R, grids=(grid,) * R)
   extra = {}
   if cfg.pooled_dim:
     extra["y"] = batch["y"]
