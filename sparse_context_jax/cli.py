@@ -37,7 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser(name, help=help_text, description=help_text)
     p.set_defaults(module=module)
     importlib.import_module(module).add_arguments(p)
-  args = parser.parse_args(argv)
+  args, extra = parser.parse_known_args(argv)
+  # A command may take a family of options argparse cannot declare (train: --config.KEY=VALUE overrides): it
+  # names their prefix in EXTRA_PREFIX and receives them, prefix removed, as args.extra.
+  prefix = getattr(importlib.import_module(args.module), "EXTRA_PREFIX", None)
+  unknown = [a for a in extra if not (prefix and a.startswith(prefix))]
+  if unknown:
+    parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+  args.extra = [a[len(prefix):] for a in extra] if prefix else []
   try:
     return importlib.import_module(args.module).run(args) or 0
   except UserError as e:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from sparse_context_jax.cli import UserError
 
-OVERRIDE = "--config."
+EXTRA_PREFIX = "--config."   # cli.main passes --config.KEY=VALUE overrides as args.extra ("KEY=VALUE")
 
 
 def add_arguments(parser) -> None:
@@ -13,15 +13,6 @@ def add_arguments(parser) -> None:
   parser.add_argument("--workdir", required=True, metavar="DIR", help="checkpoints, metrics.jsonl, the world data")
   parser.add_argument("--steps", type=int, default=None, help="stop after this many more steps (then save)")
   parser.epilog = "Override any config key with --config.KEY=VALUE (e.g. --config.train.lr=3e-4)."
-  # argparse cannot declare a family of options: collect --config.KEY=VALUE from what it leaves over.
-  parse_known = parser.parse_known_args
-
-  def parse_known_args(args=None, namespace=None):
-    ns, rest = parse_known(args, namespace)
-    ns.overrides = [a[len(OVERRIDE):] for a in rest if a.startswith(OVERRIDE)]
-    return ns, [a for a in rest if not a.startswith(OVERRIDE)]
-
-  parser.parse_known_args = parse_known_args
 
 
 def run(args) -> int:
@@ -30,7 +21,7 @@ def run(args) -> int:
   from sparse_context_jax.train import config as C
   from sparse_context_jax.train.checkpoint import CheckpointError
   try:
-    config = C.apply_overrides(C.load(args.config), args.overrides)
+    config = C.apply_overrides(C.load(args.config), args.extra)
     C.validate(config, jax.device_count())
   except C.ConfigError as e:
     raise UserError(str(e)) from None
