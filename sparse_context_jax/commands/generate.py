@@ -5,7 +5,6 @@ and the others still run."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from tqdm import tqdm
 
 from sparse_context_jax.cli import UserError
 from sparse_context_jax.convert import CheckpointError, load_model, load_vae
+from sparse_context_jax.convert.output import atomic_output
 from sparse_context_jax.data.images import encode_png
 from sparse_context_jax.generate import Generator, read_jobs
 from sparse_context_jax.model import PRESETS, MMDiT, MMDiTConfig
@@ -51,10 +51,10 @@ def _random(spec: str, presets: dict, cls, what: str):
 
 
 def _write(path: Path, data: bytes) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  tmp.write_bytes(data)
-  os.replace(tmp, path)
+  """Written beside `path` and renamed: a reader never sees half a PNG. (Whether `path` may be replaced was
+  decided per job, by `--force`, before anything ran.)"""
+  with atomic_output(path, force=True, directory=False) as tmp:
+    tmp.write_bytes(data)
 
 
 def run(args) -> int:

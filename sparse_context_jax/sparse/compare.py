@@ -37,17 +37,6 @@ class Comparison:
     return self.dense_flops / self.sparse_flops
 
 
-def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
-  for _ in range(warmup):
-    jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
-
-
 def interleaved_medians(fns: dict, repeats: int, warmup: int = 1) -> dict:
   """Median seconds of each `fns[name]()`, timed in interleaved rounds (one call of each per round), so a slow
   drift of the machine's speed affects every program alike and their ratios stay honest."""

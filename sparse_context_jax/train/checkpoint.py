@@ -11,9 +11,8 @@ import os
 
 import orbax.checkpoint as ocp
 
-
-class CheckpointError(RuntimeError):
-  """A run's checkpoint exists but cannot be restored (or does not match the config)."""
+# The project's one checkpoint error (also raised by `load_model` when a run starts from a converted checkpoint).
+from sparse_context_jax.convert.state_dict import CheckpointError  # noqa: F401
 
 
 class RunCheckpoints:
