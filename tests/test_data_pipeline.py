@@ -52,23 +52,31 @@ def test_world_is_deterministic_with_exact_ground_truth():
   assert counts == {1, 2, 3, 4}
 
 
-def test_two_processes_cover_every_record_once_per_epoch(world_2000):
+def test_two_processes_read_their_rows_of_one_global_batch_sequence(world_2000):
+  """2 processes x batch 16 together give exactly 1 process's batches of 32: the data does not depend on the
+  process count, and every record is a valid example once per epoch across the processes."""
   script = ("import json, sys, grain\n"
             "from sparse_context_jax.data import make_pipeline\n"
-            "i = int(sys.argv[1])\n"
-            "it = make_pipeline(sys.argv[2], batch_size=32, resolution=32, seed=5, num_epochs=1, num_threads=2,\n"
-            "                   shard=grain.sharding.ShardOptions(shard_index=i, shard_count=2))\n"
-            "print(json.dumps([int(x) for b in it for x in b['index'][b['valid']]]))\n")
-  procs = [subprocess.Popen([sys.executable, "-c", script, str(i), str(world_2000)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for i in range(2)]
-  seen = []
+            "i, n = int(sys.argv[1]), int(sys.argv[2])\n"
+            "it = make_pipeline(sys.argv[3], batch_size=32 // n, resolution=32, seed=5, num_epochs=1, num_threads=2,\n"
+            "                   shard=grain.sharding.ShardOptions(shard_index=i, shard_count=n))\n"
+            "print(json.dumps([[[int(x) for x in b['index']], [bool(v) for v in b['valid']]] for b in it]))\n")
+  runs = [(0, 1), (0, 2), (1, 2)]
+  procs = [subprocess.Popen([sys.executable, "-c", script, str(i), str(n), str(world_2000)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i, n in runs]
+  out = []
   for p in procs:
-    out, err = p.communicate(timeout=120)
+    stdout, err = p.communicate(timeout=120)
     assert p.returncode == 0, err
-    seen.append(json.loads(out.strip().splitlines()[-1]))
-  assert len(seen[0]) == len(set(seen[0])) == 1000 and len(seen[1]) == len(set(seen[1])) == 1000
-  assert set(seen[0]).isdisjoint(seen[1]) and set(seen[0]) | set(seen[1]) == set(range(2000))
-  assert seen[0] != sorted(seen[0])    # shuffled
+    out.append(json.loads(stdout.strip().splitlines()[-1]))
+  single, first, second = out
+  assert len(single) == len(first) == len(second)
+  for whole, a, b in zip(single, first, second):
+    assert len(a[0]) == len(b[0]) == 16
+    assert whole[0] == a[0] + b[0] and whole[1] == a[1] + b[1]
+  valid = [x for batch in first + second for x, v in zip(*batch) if v]
+  assert len(valid) == len(set(valid)) == 2000 and set(valid) == set(range(2000))
+  assert [x for x, v in zip(*first[0]) if v] != sorted(x for x, v in zip(*first[0]) if v)    # shuffled
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -77,19 +85,21 @@ def _same(a: dict, b: dict) -> bool:
 
 def test_epochs_reshuffle_and_pad_to_fixed_shapes(world_2000):
   ds = open_dataset(world_2000)
-  shard = grain.sharding.ShardOptions(shard_index=1, shard_count=3)
-  it = make_pipeline(ds, batch_size=48, resolution=32, seed=1, num_epochs=2, shard=shard, num_threads=2)
-  batches = list(it)
-  per_epoch = -(-667 // 48)
-  assert len(batches) == 2 * per_epoch
-  for b in batches:
-    assert b["target"].shape == (48, 32, 32, 3) and b["references"].shape == (48, 4, 32, 32, 3)
-    assert b["masks"].shape == (48, 4, 32, 32)
+  shards = [list(make_pipeline(ds, batch_size=16, resolution=32, seed=1, num_epochs=2, num_threads=2,
+                               shard=grain.sharding.ShardOptions(shard_index=i, shard_count=3))) for i in range(3)]
+  assert len({len(s) for s in shards}) == 1   # every process steps through the same number of batches
+  batches = [{k: np.concatenate([s[j][k] for s in shards]) for k in ("index", "valid", "target")}
+             for j in range(len(shards[0]))]
+  per_epoch = len(batches) // 2
+  assert len(batches) == 2 * per_epoch and per_epoch >= -(-2000 // 48)
+  for i, s in enumerate(shards):
+    for b in s:
+      assert b["target"].shape == (16, 32, 32, 3) and b["references"].shape == (16, 4, 32, 32, 3)
+      assert b["masks"].shape == (16, 4, 32, 32)
   epochs = [np.concatenate([b["index"][b["valid"]] for b in batches[e * per_epoch:(e + 1) * per_epoch]])
             for e in range(2)]
-  expected = set(range(667, 1334))     # shard 1 of 3 of 2,000 records: a contiguous slice (first shard has 667)
   for e in epochs:
-    assert len(e) == 667 and set(e.tolist()) == expected
+    assert len(e) == 2000 and set(e.tolist()) == set(range(2000))
   assert epochs[0].tolist() != epochs[1].tolist()
 
 

@@ -12,7 +12,29 @@ def add_arguments(parser) -> None:
   parser.add_argument("--config", required=True, metavar="FILE.py[:ARG]", help="a get_config(arg) file")
   parser.add_argument("--workdir", required=True, metavar="DIR", help="checkpoints, metrics.jsonl, the world data")
   parser.add_argument("--steps", type=int, default=None, help="stop after this many more steps (then save)")
+  group = parser.add_argument_group("multi-process (one command per process; every process gets the same flags "
+                                    "but --process-id)")
+  group.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address, for jax.distributed")
+  group.add_argument("--num-processes", type=int, metavar="N")
+  group.add_argument("--process-id", type=int, metavar="I")
+  group.add_argument("--distributed", action="store_true",
+                     help="jax.distributed.initialize() from the cluster's environment (TPU pod VMs, SLURM, ...)")
   parser.epilog = "Override any config key with --config.KEY=VALUE (e.g. --config.train.lr=3e-4)."
+
+
+def initialize_distributed(args) -> None:
+  """`jax.distributed.initialize` from the flags, before anything else touches a device."""
+  import jax
+  explicit = (args.coordinator, args.num_processes, args.process_id)
+  if any(x is not None for x in explicit):
+    if any(x is None for x in explicit) or args.distributed:
+      raise UserError("multi-process: give all of --coordinator, --num-processes and --process-id (or only "
+                      "--distributed to detect them)")
+    if not 0 <= args.process_id < args.num_processes:
+      raise UserError(f"--process-id {args.process_id} is not in [0, --num-processes {args.num_processes})")
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+  elif args.distributed:
+    jax.distributed.initialize()
 
 
 def run(args) -> int:
@@ -22,7 +44,11 @@ def run(args) -> int:
   from sparse_context_jax.train.checkpoint import CheckpointError
   try:
     config = C.apply_overrides(C.load(args.config), args.extra)
-    C.validate(config, jax.device_count())
+  except C.ConfigError as e:
+    raise UserError(str(e)) from None
+  initialize_distributed(args)
+  try:
+    C.validate(config, jax.device_count(), jax.process_count())
   except C.ConfigError as e:
     raise UserError(str(e)) from None
   from sparse_context_jax.train.loop import train
@@ -30,5 +56,6 @@ def run(args) -> int:
     state = train(config, args.workdir, stop_after=args.steps)
   except CheckpointError as e:
     raise UserError(str(e)) from None
-  print(f"step {int(jax.device_get(state['step']))}; metrics in {args.workdir}/metrics.jsonl")
+  if jax.process_index() == 0:
+    print(f"step {int(jax.device_get(state['step']))}; metrics in {args.workdir}/metrics.jsonl")
   return 0

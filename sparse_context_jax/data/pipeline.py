@@ -12,10 +12,13 @@ bucket into batches, pads the last batch of a bucket by repeating records with `
 batch order. So every record of the shard is a valid example exactly once per epoch, a batch has one shape, and
 the pipeline is a grain `MapDataset` (plan -> load -> batch) whose iterator state is just a position.
 
-Sharding: process `shard_index` of `shard_count` takes a contiguous slice of the record indices (as grain's
-`ShardOptions` with drop_remainder=False: the first `n % count` shards take one more), so shards are disjoint and
-cover every record. Shards can differ in batches per epoch (bucket remainders), so a multi-host training loop
-should run a fixed number of steps over the repeating pipeline rather than count epochs.
+Sharding: every process reads its rows of one global batch sequence. The plan is made for the global batch
+(`batch_size * shard_count` examples over every record), and process `shard_index` takes rows
+`[shard_index * batch_size, (shard_index + 1) * batch_size)` of each global batch. So the data a run sees (order,
+buckets, padding) does not depend on how many processes read it: 2 processes of batch 4 together give exactly
+the batches of 1 process of batch 8, every record is a valid example once per epoch across the processes, and all
+processes step through the same number of batches (one bucket, one shape, per global batch). The iterator state is
+a position in batches, equal on every process and valid for any process count.
 """
 
 from __future__ import annotations
@@ -32,13 +35,6 @@ from sparse_context_jax.data.builder import Dataset, open_dataset
 
 # An "infinite" repeat: a length grain can index without overflow, far beyond any training run.
 _FOREVER = 1 << 40
-
-
-def shard_indices(num_records: int, shard: grain.sharding.ShardOptions) -> np.ndarray:
-  """The record indices of one shard: a contiguous slice, remainder spread over the first shards."""
-  if shard.drop_remainder:
-    raise ValueError("drop_remainder sharding would leave records unread every epoch; use drop_remainder=False")
-  return np.array_split(np.arange(num_records), shard.shard_count)[shard.shard_index]
 
 
 class BatchPlan:
@@ -85,6 +81,23 @@ class BatchPlan:
     records, buckets, valid = self.epoch(position // per_epoch)
     j = position % per_epoch
     return int(records[j]), int(buckets[j]), bool(valid[j])
+
+
+class ProcessRows:
+  """The rows of one process in a global `BatchPlan`: local position q (batch q // rows, row q % rows) -> the
+  plan's entry at row `index * rows + q % rows` of global batch q // rows."""
+
+  def __init__(self, plan: BatchPlan, index: int, count: int):
+    if plan.batch_size % count:
+      raise ValueError(f"global batch {plan.batch_size} is not divisible by {count} processes")
+    self.plan, self.index, self.count, self.rows = plan, index, count, plan.batch_size // count
+
+  def __len__(self) -> int:
+    return len(self.plan) // self.count
+
+  def __getitem__(self, position: int) -> tuple[int, int, bool]:
+    batch, row = divmod(position, self.rows)
+    return self.plan[batch * self.plan.batch_size + self.index * self.rows + row]
 
 
 class Loader:
@@ -140,7 +153,9 @@ def make_pipeline(dataset: Dataset | str | os.PathLike, *, batch_size: int, reso
   """A grain `IterDataset` of batches (every leaf of `Loader`'s example with a leading batch_size axis).
 
   resolution: bucket area is about resolution^2 (ignored if `buckets` gives explicit (H, W) pairs, multiples of
-  16). num_epochs None repeats forever. shard: this process's `ShardOptions` (default: all records).
+  16). num_epochs None repeats forever. shard: this process's `ShardOptions` (default: one process): its rows of
+  the global batches of `batch_size * shard_count` examples (see the module docstring); `batch_size` is this
+  process's share.
   worker_count > 0 decodes in that many worker processes (call from a `__main__`-guarded script); num_threads
   and prefetch are per process. max_refs: reference slots per example (default: the dataset's maximum).
   """
@@ -151,13 +166,16 @@ def make_pipeline(dataset: Dataset | str | os.PathLike, *, batch_size: int, reso
   if any(h % 16 or w % 16 or h <= 0 or w <= 0 for h, w in buckets):
     raise ValueError(f"buckets {buckets} (expected (height, width) pairs of positive multiples of 16)")
   max_refs = max_refs or int(dataset.metadata["max_refs"])
-  indices = shard_indices(len(dataset), shard or grain.sharding.NoSharding())
-  if len(indices) == 0:
-    raise ValueError(f"shard {shard} of a dataset of {len(dataset)} records is empty")
+  shard = shard or grain.sharding.NoSharding()
+  if not 0 <= shard.shard_index < shard.shard_count:
+    raise ValueError(f"shard {shard.shard_index} of {shard.shard_count} (expected 0 <= index < count)")
+  if len(dataset) == 0:
+    raise ValueError(f"dataset {dataset.path} has no records")
   sizes = dataset.target_sizes
-  bucket_of = np.array([nearest_bucket(sizes[i], buckets) for i in indices])
-  plan = BatchPlan(indices, bucket_of, batch_size, seed, shuffle, num_epochs)
-  ds = grain.MapDataset.source(plan).map(Loader(str(dataset.path), buckets, max_refs)).batch(batch_size)
+  bucket_of = np.array([nearest_bucket(sizes[i], buckets) for i in range(len(dataset))])
+  plan = BatchPlan(np.arange(len(dataset)), bucket_of, batch_size * shard.shard_count, seed, shuffle, num_epochs)
+  rows = ProcessRows(plan, shard.shard_index, shard.shard_count)
+  ds = grain.MapDataset.source(rows).map(Loader(str(dataset.path), buckets, max_refs)).batch(batch_size)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
   if worker_count > 0:
     _parse_absl_flags()

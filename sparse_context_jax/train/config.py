@@ -105,7 +105,7 @@ def model_config(config) -> MMDiTConfig:
     raise ConfigError(f"model: {e}") from None
 
 
-def validate(config, num_devices: int) -> None:
+def validate(config, num_devices: int, num_processes: int = 1) -> None:
   """Raises `ConfigError` on the first problem a run would hit; needs no model, data or compile."""
   from sparse_context_jax.parallel.mesh import mesh_shape
   model_config(config)
@@ -128,6 +128,9 @@ def validate(config, num_devices: int) -> None:
   if (t.batch_size // t.grad_accum) % (data * fsdp):
     raise ConfigError(f"micro-batch {t.batch_size // t.grad_accum} (train.batch_size / train.grad_accum) is not "
                       f"divisible by the data axes data x fsdp = {data} x {fsdp} = {data * fsdp}")
+  if t.batch_size % num_processes:
+    raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the {num_processes} processes (each "
+                      "reads an equal share of every global batch)")
   if t.steps <= 0 or t.warmup_steps < 0 or t.lr <= 0:
     raise ConfigError(f"train.steps={t.steps}, warmup_steps={t.warmup_steps}, lr={t.lr}: expected > 0, >= 0, > 0")
   if t.schedule not in ("cosine", "constant"):

@@ -9,6 +9,7 @@ import collections
 import os
 import signal
 import time
+import zlib
 
 import grain
 import jax
@@ -62,15 +63,15 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None) 
   mesh's devices (default all)."""
   # ---- Config and mesh ---------------------------------------------------------------------------------------
   devices = jax.devices() if devices is None else list(devices)
-  C.validate(config, len(devices))
+  C.validate(config, len(devices), jax.process_count())
   cfg = C.model_config(config)
   mesh = make_mesh(config.mesh, devices)
   os.makedirs(workdir, exist_ok=True)
-  log = MetricsWriter(workdir)
   t = config.train
 
-  # ---- Input: this process's share of every global batch -----------------------------------------------------
+  # ---- Input: this process's rows of every global batch ------------------------------------------------------
   per_process = t.batch_size // jax.process_count()
+  _check_process_rows(mesh, t.batch_size)
   pipeline = make_pipeline(
       dataset_path(config, workdir), batch_size=per_process, resolution=config.data.resolution,
       seed=config.data.seed, max_refs=config.data.max_refs, worker_count=config.data.worker_count,
@@ -94,6 +95,7 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None) 
       params = jax.device_put(nnx.state(loaded, nnx.Param).to_pure_dict(), s.shardings["params"])
     state = init_state(config, cfg, s, params)
   start = int(jax.device_get(state["step"]))
+  log = MetricsWriter(workdir, start_step=start)   # a resumed run drops the records of the steps it redoes
 
   # ---- Loop ---------------------------------------------------------------------------------------------------
   packer = SparsePacker(cfg, BucketLadder(tuple(config.objective.ladder)), max_refs=config.data.max_refs)
@@ -124,6 +126,8 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None) 
       step += 1
       ratios[ratio] += 1
       bar.update(1)
+      if _any_process(stop["signal"] is not None):   # every process saves and stops at the same step
+        stop["signal"] = stop["signal"] or signal.SIGTERM
       if step % config.log.every == 0 or step == end:
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
@@ -132,7 +136,8 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None) 
         seq = local["txt"].shape[1] + grid[0] * grid[1] * (1 + refs * ratio)
         log.write({"step": step, **m, "keep": ratio, "step_seconds": seconds, "examples_per_s": t.batch_size / seconds,
                    "tokens_per_s": t.batch_size * seq / seconds,
-                   "keep_histogram": {str(k): v for k, v in sorted(ratios.items())}})
+                   "keep_histogram": {str(k): v for k, v in sorted(ratios.items())},
+                   "batch_crc32": _batch_crc32(raw)})
         bar.set_postfix(loss=f"{m['loss']:.4f}", keep=ratio)
         last = now
       if step % config.checkpoint.every == 0 or step == end or stop["signal"] is not None:
@@ -144,4 +149,36 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None) 
     signal.signal(signal.SIGTERM, previous)
     bar.close()
     ckpt.close()
+    log.close()
   return state
+
+
+def _check_process_rows(mesh, batch: int) -> None:
+  """Invariant: the batch sharding gives this process the contiguous block of rows its pipeline reads
+  (`make_pipeline`'s shard rows), so the global batch is the one a single process would read."""
+  if jax.process_count() == 1:
+    return
+  rows = batch_sharding(mesh, 1).addressable_devices_indices_map((batch,)).values()
+  got = sorted({i for index in rows for i in range(*index[0].indices(batch))})
+  share = batch // jax.process_count()
+  want = list(range(jax.process_index() * share, (jax.process_index() + 1) * share))
+  if got != want:
+    raise RuntimeError(f"process {jax.process_index()} holds batch rows {got[:4]}... of the mesh's batch sharding, "
+                       f"not its pipeline rows {want[0]}..{want[-1]}: order the mesh devices by process")
+
+
+def _any_process(flag: bool) -> bool:
+  """True on every process if `flag` is true on any (a SIGTERM may reach one worker first)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def _batch_crc32(raw: dict) -> int:
+  """CRC32 of the global batch's record indices (and padding flags): the data order, comparable across runs."""
+  index, valid = raw["index"].astype(np.int32), raw["valid"].astype(np.int32)   # int32: what allgather keeps
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    index, valid = (np.asarray(multihost_utils.process_allgather(x, tiled=True), np.int32) for x in (index, valid))
+  return zlib.crc32(np.stack([index, valid]).tobytes())

@@ -11,7 +11,7 @@ import jax
 class MetricsWriter:
   """Appends JSON lines on process 0 only (every process holds the same replicated metrics)."""
 
-  def __init__(self, workdir: str | os.PathLike):
+  def __init__(self, workdir: str | os.PathLike, start_step: int = 0):
     self.path = os.path.join(os.fspath(workdir), "metrics.jsonl")
     self.active = jax.process_index() == 0
 
@@ -19,6 +19,10 @@ class MetricsWriter:
     if self.active:
       with open(self.path, "a") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+  def close(self) -> None:
+    pass
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
