@@ -22,6 +22,7 @@ from sparse_context_jax.convert import (ModelSpec, convert_checkpoint, export_ch
 from sparse_context_jax.convert.detect import infer_config
 from sparse_context_jax.convert.safetensors_io import SafetensorsFile, save_file
 from sparse_context_jax.convert.sources import BFL_PREFIX
+from sparse_context_jax.parallel import AXES, param_sharding
 from test_convert import _bfl_from_diffusers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,12 +140,12 @@ def test_bfloat16_is_bit_exact_through_the_cli(tmp_path):
 _SHARDED_LOAD = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
-    from jax.sharding import Mesh
     from sparse_context_jax import load_model
     from sparse_context_jax.convert import model_params
+    from sparse_context_jax.parallel import make_mesh
     from flax import nnx
     assert len(jax.devices()) == 8
-    mesh = Mesh(np.array(jax.devices()), ("fsdp",))
+    mesh = make_mesh((2, 2, 2))   # data, fsdp, tensor
     ckpt = sys.argv[1]
     sharded, single = load_model(ckpt, mesh=mesh), load_model(ckpt)
     report = {}
@@ -152,14 +153,15 @@ _SHARDED_LOAD = textwrap.dedent("""
       a = var[...]
       report[".".join(map(str, path))] = dict(
           spec=[None if s is None else str(s) for s in a.sharding.spec] + [None] * (a.ndim - len(a.sharding.spec)),
-          shape=list(a.shape), shard=list(a.addressable_shards[0].data.shape), devices=len(a.sharding.device_set))
+          shape=list(a.shape), logical_axes=list(var.get_metadata()["logical_axes"]),
+          shards=sorted({tuple(s.data.shape) for s in a.addressable_shards}), devices=len(a.sharding.device_set))
     want = model_params(single)
     report = dict(params=report, equal=all(np.array_equal(v, want[k]) for k, v in model_params(sharded).items()))
     print(json.dumps(report))
 """)
 
 
-def test_load_model_onto_8_devices_shards_every_parameter_in_place(tmp_path):
+def test_load_model_onto_8_devices_places_every_parameter_by_the_train_rules(tmp_path):
   tm = torch_model("flux2-klein-2ref")
   save_file(ref.state_dict(tm), tmp_path / "m.safetensors")
   (tmp_path / "config.json").write_text(json.dumps(dict(tm.config)))
@@ -170,19 +172,16 @@ def test_load_model_onto_8_devices_shards_every_parameter_in_place(tmp_path):
   assert r.returncode == 0, r.stderr
   report = json.loads(r.stdout.strip().splitlines()[-1])
   assert report["equal"]
-  stacked = {"double_blocks", "single_blocks"}
-  n_sharded = 0
+  mesh = jax.sharding.AbstractMesh((2, 2, 2), AXES)
+  used = set()
   for name, p in report["params"].items():
     assert p["devices"] == 8, name
-    axes = [a for a, s in enumerate(p["spec"]) if s == "fsdp"]
-    divisible = [a for a in range(len(p["shape"])) if p["shape"][a] % 8 == 0 and
-                 not (a == 0 and name.split(".")[0] in stacked)]
-    if not divisible:
-      assert axes == [] and p["shard"] == p["shape"], name
-      continue
-    # the largest divisible axis, never the layer axis, holds one eighth on each device
-    (a,) = axes
-    assert p["shape"][a] == max(p["shape"][d] for d in divisible), name
-    assert p["shard"] == [s // 8 if d == a else s for d, s in enumerate(p["shape"])], name
-    n_sharded += 1
-  assert n_sharded >= len(report["params"]) // 2
+    # the logical-axis rules training uses (parallel/rules.py); the layer axis of a stack is never split
+    want = [None if s is None else str(s) for s in param_sharding(mesh, p["shape"], p["logical_axes"]).spec]
+    assert p["spec"] == want, name
+    assert all(s is None for s in want[:len(want) - len(p["logical_axes"])]), name
+    # every device holds only its share: each split axis divided by its mesh axis size
+    share = [n // (mesh.shape[a] if a else 1) for n, a in zip(p["shape"], want)]
+    assert p["shards"] == [share], name
+    used.update(a for a in want if a)
+  assert used == {"fsdp", "tensor"}

@@ -8,7 +8,8 @@
 Stacked parameters are written one layer at a time (orbax partial saves: each adds a few leaves to the same
 checkpoint), so the writer never holds more than one layer; `load_model` restores one layer at a time straight
 into its sharding and copies it into a preallocated stacked buffer in place, so neither a host nor a device ever
-holds more than its share of the model plus one layer.
+holds more than its share of the model plus one layer. Where each parameter lives is decided by the logical-axis
+rules of `parallel/rules.py`, the same rules training uses, so a loaded model is already in its train sharding.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from etils import epath
 from flax import nnx
 from orbax.checkpoint.experimental.v1 import partial as ocp_partial
 
-from sparse_context_jax.convert.sharding import fsdp_sharding
 from sparse_context_jax.convert.state_dict import CheckpointError
 from sparse_context_jax.model.config import MMDiTConfig
 from sparse_context_jax.model.mmdit import MMDiT
+from sparse_context_jax.parallel.rules import DEFAULT_RULES, param_sharding
 
 CONFIG, PARAMS = "config.json", "params"
 _PYTREE = "state"  # the name orbax's v1 layout gives the pytree inside a checkpoint
@@ -130,14 +131,16 @@ def _layer_sharding(stacked: jax.sharding.Sharding) -> jax.sharding.Sharding:
 
 
 def load_model(path: str | os.PathLike, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
-               **model_kw) -> MMDiT:
+               rules: Mapping[str, str | None] = DEFAULT_RULES, **model_kw) -> MMDiT:
   """The model of a directory written by `convert`, with parameters (and compute) in `dtype`.
 
   Args:
     path: the converted checkpoint directory.
     dtype: parameter and compute dtype (stored parameters are cast on read).
-    mesh: when given, each parameter is read shard by shard straight into its FSDP sharding (see `sharding.py`);
-      else everything goes to the first device.
+    mesh: when given, each parameter is read shard by shard straight into the sharding that the logical-axis
+      `rules` give it (`parallel/rules.py`, the same placement as training); else everything goes to the first
+      device.
+    rules: logical axis -> mesh axis (None = replicated); used only with a mesh.
     model_kw: further `MMDiT` options (scan_layers, remat, attention_impl).
   """
   path = Path(path)
@@ -149,8 +152,10 @@ def load_model(path: str | os.PathLike, *, dtype=jnp.float32, mesh: jax.sharding
   # name -> (shape, layers (0 = not stacked), sharding); logical_axes name the axes before layer stacking.
   info = {}
   for p, var in flat:
-    layer_axes = len(var.shape) - len(var.get_metadata()["logical_axes"])
-    info[".".join(map(str, p))] = (tuple(var.shape), layer_axes, fsdp_sharding(mesh, tuple(var.shape), layer_axes))
+    shape, logical_axes = tuple(var.shape), var.get_metadata()["logical_axes"]
+    sharding = (jax.sharding.SingleDeviceSharding(jax.devices()[0]) if mesh is None else
+                param_sharding(mesh, shape, logical_axes, rules))
+    info[".".join(map(str, p))] = (shape, len(shape) - len(logical_axes), sharding)
 
   def target(shape, sharding):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)

@@ -89,10 +89,8 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None) 
   else:
     params = None
     if config.model.init:
-      from sparse_context_jax.convert.checkpoint import load_model
-      from flax import nnx
-      loaded = load_model(config.model.init, dtype=DTYPES[config.model.param_dtype], mesh=mesh)
-      params = jax.device_put(nnx.state(loaded, nnx.Param).to_pure_dict(), s.shardings["params"])
+      from sparse_context_jax.train.state import load_params
+      params = load_params(config, cfg, s)
     state = init_state(config, cfg, s, params)
   start = int(jax.device_get(state["step"]))
   log = MetricsWriter(workdir, start_step=start)   # a resumed run drops the records of the steps it redoes

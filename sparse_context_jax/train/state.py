@@ -1,7 +1,8 @@
 """The train state and where it lives: model definition, optimizer, and the shardings of everything.
 
 The state is a dict pytree `{params, opt, ema?, rng, step}` of pure arrays (what `jax.jit` and orbax see);
-the model structure stays on the host as an `nnx` graphdef and is merged back inside the step.
+the model structure stays on the host as an `nnx` graphdef and is merged back inside the step. Parameters start
+at random or from a converted checkpoint (`load_params`), read straight into their train shardings.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from sparse_context_jax.convert.state_dict import CheckpointError
 from sparse_context_jax.model.config import MMDiTConfig
 from sparse_context_jax.model.mmdit import MMDiT
 from sparse_context_jax.parallel import param_shardings, replicated
@@ -96,9 +98,35 @@ def _like_params(opt, params, param_sh, scalar_sh):
   return visit(opt)
 
 
+def load_params(config, cfg: MMDiTConfig, s: Setup) -> dict:
+  """The parameters of the converted checkpoint `config.model.init` (the `convert` output), in `param_dtype`,
+  as the pure dict the state holds, already in `s.shardings["params"]`.
+
+  Read layer by layer straight into those shardings (`load_model` with the train mesh and rules), so no host or
+  device ever holds more than its share of the model plus one layer. Raises `CheckpointError` when the
+  checkpoint is unreadable or holds another model than `cfg` (naming the differing fields).
+  """
+  from sparse_context_jax.convert.checkpoint import load_model, read_config
+  path = config.model.init
+  stored = read_config(path)
+  diff = [f"{f.name}={getattr(stored, f.name)!r} there, {getattr(cfg, f.name)!r} in the config"
+          for f in dataclasses.fields(cfg) if getattr(stored, f.name) != getattr(cfg, f.name)]
+  if diff:
+    raise CheckpointError(f"model.init={path!r} holds another model than the train config's: {'; '.join(diff)}")
+  kw = model_kwargs(config)
+  del kw["dtype"]   # only the parameters are kept: their dtype is what matters
+  model = load_model(path, dtype=kw.pop("param_dtype"), mesh=s.mesh, rules=dict(config.sharding_rules), **kw)
+  params = nnx.state(model, nnx.Param).to_pure_dict()
+
+  def same_place(key, a, want):
+    assert a.sharding.is_equivalent_to(want, a.ndim), (jax.tree_util.keystr(key), a.sharding, want)
+  jax.tree_util.tree_map_with_path(same_place, params, s.shardings["params"])
+  return params
+
+
 def init_state(config, cfg: MMDiTConfig, s: Setup, params=None) -> dict:
   """A fresh state, created directly in its shardings: random parameters from `config.seed`, or `params`
-  (already sharded, e.g. from `load_model`)."""
+  (already sharded, e.g. from `load_params`; donated: they become the state's parameters without a copy)."""
   def make(p):
     if p is None:
       model = MMDiT(cfg, rngs=nnx.Rngs(config.seed), **model_kwargs(config))
@@ -109,4 +137,4 @@ def init_state(config, cfg: MMDiTConfig, s: Setup, params=None) -> dict:
       state["ema"] = jax.tree.map(jnp.copy, p)
     return state
 
-  return jax.jit(make, out_shardings=s.shardings)(params)
+  return jax.jit(make, out_shardings=s.shardings, donate_argnums=0)(params)
