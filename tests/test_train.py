@@ -47,6 +47,21 @@ def test_bad_config_is_one_line_before_any_compile(override, message, tmp_path, 
   assert not (tmp_path / "run").exists()   # failed before the workdir, the data or a program
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--coordinator", "127.0.0.1:1234"], "give all of --coordinator, --num-processes and --process-id"),
+    (["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "2"], "--process-id 2 is not in"),
+])
+def test_bad_multi_process_flags_are_one_line(flags, message, tmp_path, capsys):
+  rc = cli.main(["train", "--config", TINY, "--workdir", str(tmp_path / "run")] + flags)
+  err = capsys.readouterr().err.strip()
+  assert rc == 2 and message in err and "\n" not in err and not (tmp_path / "run").exists()
+
+
+def test_batch_not_divisible_by_processes():
+  with pytest.raises(C.ConfigError, match="not divisible by the 3 processes"):
+    C.validate(tiny("train.batch_size=8", "mesh=(1, 1, -1)"), num_devices=3, num_processes=3)
+
+
 def test_batch_not_divisible_by_data_axes():
   c = tiny("mesh=(2, 4, 1)", "train.batch_size=12")
   with pytest.raises(C.ConfigError, match=r"micro-batch 12 .* data x fsdp = 2 x 4 = 8"):

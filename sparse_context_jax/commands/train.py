@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 from sparse_context_jax.cli import UserError
 
 EXTRA_PREFIX = "--config."   # cli.main passes --config.KEY=VALUE overrides as args.extra ("KEY=VALUE")
@@ -13,10 +15,13 @@ def add_arguments(parser) -> None:
   parser.add_argument("--workdir", required=True, metavar="DIR", help="checkpoints, metrics.jsonl, the world data")
   parser.add_argument("--steps", type=int, default=None, help="stop after this many more steps (then save)")
   group = parser.add_argument_group("multi-process (one command per process; every process gets the same flags "
-                                    "but --process-id)")
-  group.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address, for jax.distributed")
-  group.add_argument("--num-processes", type=int, metavar="N")
-  group.add_argument("--process-id", type=int, metavar="I")
+                                    "but --process-id; defaults from SCJ_COORDINATOR, SCJ_NUM_PROCESSES, "
+                                    "SCJ_PROCESS_ID)")
+  env = os.environ.get
+  group.add_argument("--coordinator", metavar="HOST:PORT", default=env("SCJ_COORDINATOR"),
+                     help="process 0's address, for jax.distributed")
+  group.add_argument("--num-processes", type=int, metavar="N", default=env("SCJ_NUM_PROCESSES"))
+  group.add_argument("--process-id", type=int, metavar="I", default=env("SCJ_PROCESS_ID"))
   group.add_argument("--distributed", action="store_true",
                      help="jax.distributed.initialize() from the cluster's environment (TPU pod VMs, SLURM, ...)")
   parser.epilog = "Override any config key with --config.KEY=VALUE (e.g. --config.train.lr=3e-4)."

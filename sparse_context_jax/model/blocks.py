@@ -17,7 +17,13 @@ from sparse_context_jax.model.rope import apply_rope
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_len: jax.Array | None, impl: str | None) -> jax.Array:
-  """Softmax attention, (B, S, H, Dh) each -> (B, S, H, Dh); logits and softmax in float32."""
+  """Softmax attention, (B, S, H, Dh) each -> (B, S, H, Dh); logits and softmax in float32.
+
+  q and k arrive in float32 (after their RMSNorm). cuDNN's fused kernel takes one 16-bit dtype for q, k and v (it
+  still accumulates logits and softmax in float32), so with impl "cudnn" q and k are cast to v's dtype.
+  """
+  if impl == "cudnn":
+    q, k = q.astype(v.dtype), k.astype(v.dtype)
   return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_len, implementation=impl)
 
 

@@ -25,7 +25,7 @@ from sparse_context_jax.train.checkpoint import RunCheckpoints
 from sparse_context_jax.train.metrics import MetricsWriter
 from sparse_context_jax.train.objective import keep_ratio
 from sparse_context_jax.train.standin import HashedText, pixel_tokens
-from sparse_context_jax.train.state import DTYPES, init_state, setup
+from sparse_context_jax.train.state import init_state, load_params, setup
 from sparse_context_jax.train.step import compile_step
 
 
@@ -89,7 +89,6 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None) 
   else:
     params = None
     if config.model.init:
-      from sparse_context_jax.train.state import load_params
       params = load_params(config, cfg, s)
     state = init_state(config, cfg, s, params)
   start = int(jax.device_get(state["step"]))
