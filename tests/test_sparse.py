@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -186,3 +187,22 @@ def test_flux1_takes_one_reference():
   _, cfg, size, target, refs, _ = _setup("flux1")
   with pytest.raises(ValueError, match="FLUX.1 Kontext takes one reference"):
     SparsePacker(cfg)(target, size, refs * 2, SparseRequest(keep=0.5))
+
+
+def test_pack_traced_takes_given_scores():
+  """Scores given to the jittable core replace the strategy's: the best-scored tokens of each reference are kept."""
+  _, cfg, size, target, refs, _ = _setup("flux2", batch=2)
+  packer, budgets = SparsePacker(cfg), np.array([[2, 3, 1], [4, 1, 2]], np.int32)
+  latents = [{"latents": jnp.asarray(r.latents)} for r in refs]
+  # Reference i prefers its last tokens for example 0 and its first ones for example 1.
+  scores = [jnp.asarray(np.stack([np.arange(r.tokens), -np.arange(r.tokens)]), jnp.float32) for r in refs]
+  img, _, lengths = packer.pack_traced(jnp.asarray(target), latents, jnp.asarray(budgets), None, target_grid=(4, 4),
+                                       capacities=(4, 4, 4), grids=tuple(r.grid for r in refs), scores=scores)
+  n = target.shape[1]
+  for b in range(2):
+    kept = [r.latents[b, r.tokens - k:] if b == 0 else r.latents[b, :k] for r, k in zip(refs, budgets[b])]
+    assert int(lengths[b]) == n + budgets[b].sum()
+    assert np.array_equal(np.asarray(img[b, n:int(lengths[b])]), np.concatenate(kept))
+  with pytest.raises(ValueError, match="2 score arrays given for 3 references"):
+    packer.pack_traced(jnp.asarray(target), latents, jnp.asarray(budgets), None, target_grid=(4, 4),
+                       capacities=(4, 4, 4), grids=tuple(r.grid for r in refs), scores=scores[:2])

@@ -247,16 +247,22 @@ class SparsePacker:
     return jnp.stack(budgets, axis=1)
 
   def pack_traced(self, target, refs, budgets, key, *, target_grid, capacities, grids, strategy="random",
-                  hybrid_base="edge", grid_share=0.25):
+                  hybrid_base="edge", grid_share=0.25, scores=None):
     """The jittable core, for callers that trace packing into a larger program (the train step).
 
     target (B, N, C); refs: list of dicts with "latents" (B, M_i, C) (and "pixels" / "mask" as the strategy
     needs); budgets (B, R) int32 kept tokens, each <= its capacity (0 makes the whole reference padding); key: PRNG
     key of `random`; static: the target grid, per-reference capacities and grids, the strategy options.
+    scores: optional list of (B, M_i) token scores, one per reference, used instead of the strategy's (then `key`
+    and the strategy options are unused): the train step draws its random scores for the whole batch before
+    splitting it into micro-batches, so the tokens an example keeps do not depend on the micro-batching.
     Returns img (B, N + sum(capacities), C), img_ids, img_lengths (B,).
     """
     cfg, B, N = self.cfg, target.shape[0], target.shape[1]
-    scores = self._all_scores(refs, key, grids, strategy, hybrid_base, grid_share)
+    if scores is None:
+      scores = self._all_scores(refs, key, grids, strategy, hybrid_base, grid_share)
+    elif len(scores) != len(refs):
+      raise ValueError(f"{len(scores)} score arrays given for {len(refs)} references")
     tokens, ids, valid = [], [], []
     for i, (r, g, s, cap) in enumerate(zip(refs, grids, scores, capacities)):
       idx, ok = top_k(s, budgets[:, i], cap)

@@ -6,6 +6,6 @@
 - `state`: model, optimizer, shardings of the train state.
 - `step`: the jitted, sharded, donated train step (gradient accumulation, EMA).
 - `checkpoint`: orbax checkpoints of the whole run (params, optimizer, step, RNG, data iterator, config).
-- `metrics`: JSONL metrics.
+- `metrics`: JSONL metrics and TensorBoard scalars (a resumed run drops the steps it redoes).
 - `loop`: the train program.
 """

@@ -12,7 +12,7 @@ from flax import nnx
 
 from sparse_context_jax.parallel import batch_sharding, replicated
 from sparse_context_jax.sparse.pack import SparsePacker
-from sparse_context_jax.train.objective import loss_sums
+from sparse_context_jax.train.objective import draw_noise, loss_sums
 from sparse_context_jax.train.state import Setup, schedule
 
 
@@ -26,23 +26,23 @@ def train_step(state: dict, batch: dict, *, graphdef, tx, packer: SparsePacker, 
                grid: tuple[int, int]):
   objective, t = config.objective, config.train
   key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+  # The whole batch's draws first: the micro-batches then split them with the examples, so any grad_accum
+  # sums the same per-example losses (up to float rounding).
+  batch = {**batch, **draw_noise(objective, key, batch)}
 
-  def loss(params, micro, k):
+  def loss(params, micro):
     model = nnx.merge(graphdef, params)
-    return loss_sums(model, packer, objective, micro, k, ratio, grid)
+    return loss_sums(model, packer, objective, micro, ratio, grid)
 
   grad_fn = jax.value_and_grad(loss, has_aux=True)
 
-  def accumulate(carry, xs):
-    micro, i = xs
-    (lsum, wsum), g = grad_fn(state["params"], micro, jax.random.fold_in(key, i))
+  def accumulate(carry, micro):
+    (lsum, wsum), g = grad_fn(state["params"], micro)
     gsum, ltot, wtot = carry
     return (jax.tree.map(jnp.add, gsum, g), ltot + lsum, wtot + wsum), None
 
   zeros = jax.tree.map(jnp.zeros_like, state["params"])
-  n = t.grad_accum
-  (gsum, lsum, wsum), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0),
-                                       (_micro_batches(batch, n), jnp.arange(n)))
+  (gsum, lsum, wsum), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), _micro_batches(batch, t.grad_accum))
   denom = jnp.maximum(wsum, 1.0)
   grads = jax.tree.map(lambda g: g / denom, gsum)
   updates, opt = tx.update(grads, state["opt"], state["params"])
