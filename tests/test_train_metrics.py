@@ -102,8 +102,10 @@ def test_a_bad_line_before_the_last_is_an_error(tmp_path):
     MetricsWriter(tmp_path, start_step=3)
 
 
-def test_a_fresh_start_only_repairs_a_torn_line(tmp_path):
-  (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo')
-  with MetricsWriter(tmp_path) as log:
-    log.write({"step": 2, "loss": 2.0})
-  assert read_metrics(tmp_path) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}]
+def test_a_fresh_start_drops_what_a_run_killed_before_its_first_checkpoint_logged(tmp_path):
+  (tmp_path / "metrics.jsonl").write_text('{"event": "compile", "step": 0, "seconds": 1.0}\n'
+                                          '{"step": 1, "loss": 1.0}\n{"step": 2, "lo')
+  with MetricsWriter(tmp_path) as log:   # no checkpoint: the run starts again at step 0
+    log.write({"step": 1, "loss": 5.0})
+  assert read_metrics(tmp_path) == [{"event": "compile", "step": 0, "seconds": 1.0}, {"step": 1, "loss": 5.0}]
+  assert tensorboard_view(tmp_path)["loss"] == {1: 5.0}

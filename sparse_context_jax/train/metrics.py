@@ -100,9 +100,9 @@ class TensorBoardWriter:
 class MetricsWriter:
   """Writes on process 0 only (every process holds the same replicated metrics); a no-op elsewhere.
 
-  `start_step`: the step the run (re)starts from. When > 0 the records of later steps, left by a run killed after
-  its last checkpoint, are dropped from metrics.jsonl (records without a step are kept), and TensorBoard purges
-  its events of steps > start_step. A torn last line is always dropped, so the next record starts a line.
+  `start_step`: the step the run (re)starts from (0 for a fresh run). Records of later steps, left by a run killed
+  after its last checkpoint (or before its first one), are dropped from metrics.jsonl (records without a step are
+  kept), and TensorBoard purges its events of steps > start_step. A torn last line is always dropped, so the next record starts a line.
   Each record is on disk in both formats when `write` returns: a killed run keeps what it wrote.
   """
 
@@ -117,11 +117,11 @@ class MetricsWriter:
       with open(self.path) as f:
         text = f.read()
       records = _parse(text, self.path)
-      kept = [r for r in records if start_step <= 0 or "step" not in r or r["step"] <= start_step]
+      kept = [r for r in records if "step" not in r or r["step"] <= start_step]
       if len(kept) != len(records) or (text and not text.endswith("\n")):
         _rewrite(self.path, kept)
     self._tb = TensorBoardWriter(os.path.join(workdir, "tensorboard"),
-                                 purge_step=start_step + 1 if start_step > 0 else None)
+                                 purge_step=start_step + 1)
 
   def write(self, record: dict) -> None:
     if not self.active:
