@@ -8,4 +8,5 @@
 - `checkpoint`: orbax checkpoints of the whole run (params, optimizer, step, RNG, data iterator, config).
 - `metrics`: JSONL metrics and TensorBoard scalars (a resumed run drops the steps it redoes).
 - `loop`: the train program.
+- `evaluate`: what a run learned: PSNR of targets generated from noise against the synthetic world's truth.
 """

@@ -1,0 +1,197 @@
+"""Benchmark: train-step time with dense references vs random reference-token dropping at fixed keep ratios.
+
+For each config (default the tiny and the medium one) and each keep ratio (default 1 = dense, 0.5, 0.25, 0.125;
+one ladder rung per row: `objective.keep_low = keep_high = r`, `dense_prob = 0`) it compiles the real train step
+(train/state.py `setup` / `init_state`, train/step.py `compile_step`) for one fixed pipeline batch of the
+synthetic world, then times the steps of all rungs in interleaved rounds (one step of each rung per round, the
+state threaded through, after --warmup untimed rounds), so a drift of the machine's speed hits every rung alike.
+It prints the median step time, examples/s, tokens/s (tokens per example = text + target + the reference slots
+of the rung, i.e. the packed sequence the step runs), the speedup vs dense, the ideal speedup from XLA's FLOP
+counts of the two steps (lowered with unrolled layers: XLA counts a scanned stack's body once), and the compile
+time; it writes a JSON of the rows and a PNG of speedup vs keep ratio into --out.
+
+  python launch/bench_train.py                          # tiny and medium, 4 rungs, 8 timed rounds (~5 min, 2 cores)
+  python launch/bench_train.py --quick                  # tiny only, 3 timed rounds: a check that it runs
+  python launch/bench_train.py --configs medium --rounds 20 --config.train.batch_size=8
+
+`--config.KEY=VALUE` overrides apply to every config. Timings on a shared machine are only good for checking the
+script; compare rows of one run (same machine, same moment), not runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from sparse_context_jax.data.pipeline import make_pipeline  # noqa: E402
+from sparse_context_jax.model.jitted import flops  # noqa: E402
+from sparse_context_jax.parallel import batch_sharding, make_mesh  # noqa: E402
+from sparse_context_jax.sparse.buckets import BucketLadder  # noqa: E402
+from sparse_context_jax.sparse.pack import SparsePacker  # noqa: E402
+from sparse_context_jax.sparse.select import fixed_budget  # noqa: E402
+from sparse_context_jax.train import config as C  # noqa: E402
+from sparse_context_jax.train.loop import dataset_path, host_batch  # noqa: E402
+from sparse_context_jax.train.objective import keep_ratio  # noqa: E402
+from sparse_context_jax.train.standin import HashedText  # noqa: E402
+from sparse_context_jax.train.state import init_state, setup  # noqa: E402
+from sparse_context_jax.train.step import compile_step  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--configs", nargs="+", default=("tiny", "medium"),
+                 help="names under configs/ (tiny, medium, ...) or paths FILE.py[:ARG]")
+  p.add_argument("--keeps", type=float, nargs="+", default=(1.0, 0.5, 0.25, 0.125),
+                 help="keep ratios, one rung each (1 = dense, the baseline of the speedups)")
+  p.add_argument("--rounds", type=int, default=8, help="timed rounds (one step of every rung per round)")
+  p.add_argument("--warmup", type=int, default=2, help="untimed rounds after compiling")
+  p.add_argument("--quick", action="store_true", help="tiny only, 3 timed rounds, 1 warm-up: a check that it runs")
+  p.add_argument("--out", default="bench_out", help="folder for the JSON and the plot")
+  args, extra = p.parse_known_args(argv)
+  bad = [a for a in extra if not a.startswith("--config.")]
+  if bad:
+    p.error(f"unrecognized arguments: {' '.join(bad)} (config overrides are --config.KEY=VALUE)")
+  args.overrides = [a[len("--config."):] for a in extra]
+  if args.quick:
+    args.configs, args.rounds, args.warmup = ("tiny",), 3, 1
+  if 1.0 not in args.keeps:
+    p.error("--keeps must include 1 (dense, the baseline)")
+  return args
+
+
+def load_config(name: str, overrides: list[str], keep: float):
+  """The config `name` with the overrides and one keep-ratio rung (`keep`, never dense otherwise)."""
+  spec = name if name.endswith(".py") or ".py:" in name else os.path.join(ROOT, "configs", f"{name}.py")
+  rung = [f"objective.keep_low={keep}", f"objective.keep_high={keep}", "objective.dense_prob=0.0",
+          "log.progress=False"]
+  return C.apply_overrides(C.load(spec), list(overrides) + rung)
+
+
+def fixed_batch(config, cfg, mesh, workdir: str) -> tuple[dict, tuple[int, int]]:
+  """One pipeline batch of the config's synthetic world (only `batch_size` examples written), on the mesh."""
+  config.data.world.count = config.train.batch_size
+  raw = next(iter(make_pipeline(dataset_path(config, workdir), batch_size=config.train.batch_size,
+                                resolution=config.data.resolution, max_refs=config.data.max_refs)))
+  local = host_batch(raw, cfg, HashedText(config.data.txt_len, cfg.context_dim, cfg.pooled_dim))
+  batch = {k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in local.items()}
+  return batch, (raw["target"].shape[1] // 16, raw["target"].shape[2] // 16)
+
+
+def bench_config(name: str, args) -> list[dict]:
+  """Rows of one config: compile every rung's step, then time them interleaved."""
+  configs = {keep: load_config(name, args.overrides, keep) for keep in args.keeps}
+  config = configs[1.0]
+  C.validate(config, jax.device_count())
+  cfg = C.model_config(config)
+  mesh = make_mesh(config.mesh, jax.devices())
+  s = setup(config, cfg, mesh)
+  state = init_state(config, cfg, s)
+  with tempfile.TemporaryDirectory() as tmp:
+    batch, grid = fixed_batch(config, cfg, mesh, tmp)
+  B, T = batch["txt"].shape[:2]
+  R, M = batch["refs"].shape[1:3]
+  n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+  print(f"\n{name}: hidden {cfg.hidden_size}, {cfg.depth_double}+{cfg.depth_single} blocks, {n_params:,} parameters, "
+        f"{config.model.dtype} on {jax.devices()[0].device_kind}; batch {B}, {T} text + {grid[0] * grid[1]} target "
+        f"tokens, {R} reference slots of {M} tokens", flush=True)
+  # XLA counts a scanned block stack's body once: FLOPs come from lowering (no compile) the unscanned step.
+  unrolled = {keep: load_config(name, args.overrides + ["model.scan_layers=False"], keep) for keep in args.keeps}
+  s_unrolled = setup(unrolled[1.0], cfg, mesh)
+  programs = {}
+  for keep, c in configs.items():
+    ratio = keep_ratio(c.objective, c.seed, 0)   # the rung the loop would draw: keep snapped up to the ladder
+    packer = SparsePacker(cfg, BucketLadder(tuple(c.objective.ladder)), max_refs=c.data.max_refs)
+    tic = time.perf_counter()
+    compiled = compile_step(s, packer, c, ratio, grid, batch).lower(state, batch).compile()
+    compile_s = time.perf_counter() - tic
+    lowered = compile_step(s_unrolled, packer, unrolled[keep], ratio, grid, batch).lower(s_unrolled.abstract, batch)
+    programs[keep] = dict(ratio=ratio, program=compiled, compile_s=compile_s, flops=flops(lowered),
+                          seq=T + grid[0] * grid[1] + R * fixed_budget(ratio, M))
+  times, losses = {keep: [] for keep in programs}, {}
+  for round_ in range(args.warmup + args.rounds):
+    for keep, p in programs.items():
+      tic = time.perf_counter()
+      state, metrics = p["program"](state, batch)
+      jax.block_until_ready((state, metrics))
+      if round_ >= args.warmup:
+        times[keep].append(time.perf_counter() - tic)
+      losses[keep] = float(metrics["loss"])
+  dense = programs[1.0]
+  dense_s = float(np.median(times[1.0]))
+  rows = []
+  for keep, p in programs.items():
+    sec = float(np.median(times[keep]))
+    rows.append(dict(config=name, keep=keep, rung=p["ratio"], seq=p["seq"], step_ms=1e3 * sec,
+                     examples_per_s=B / sec, tokens_per_s=B * p["seq"] / sec, speedup=dense_s / sec,
+                     ideal=dense["flops"] / p["flops"], gflop=p["flops"] / 1e9, compile_s=p["compile_s"],
+                     rounds=args.rounds, last_loss=losses[keep]))
+  return rows
+
+
+HEADER = (f"{'config':>8} {'keep':>6} {'tokens':>6} {'step ms':>9} {'ex/s':>8} {'tok/s':>9} {'speedup':>8} "
+          f"{'ideal':>6} {'ach/ideal':>9} {'GFLOP':>8} {'compile s':>9}")
+
+
+def fmt(r: dict) -> str:
+  return (f"{r['config']:>8} {r['keep']:>6g} {r['seq']:>6} {r['step_ms']:>9.1f} {r['examples_per_s']:>8.1f} "
+          f"{r['tokens_per_s']:>9.0f} {r['speedup']:>7.2f}x {r['ideal']:>5.2f}x {r['speedup'] / r['ideal']:>9.2f} "
+          f"{r['gflop']:>8.2f} {r['compile_s']:>9.1f}")
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+  for i, name in enumerate(dict.fromkeys(r["config"] for r in rows)):
+    pts = sorted((r["keep"], r["speedup"], r["ideal"]) for r in rows if r["config"] == name)
+    k, achieved, ideal = zip(*pts)
+    ax.plot(k, achieved, "o-", color=f"C{i}", label=f"{name}: measured")
+    ax.plot(k, ideal, "--", color=f"C{i}", alpha=0.6, label=f"{name}: FLOP ideal")
+  ax.set_xscale("log", base=2)
+  ax.set_xticks(sorted({r["keep"] for r in rows}), labels=[f"{k:g}" for k in sorted({r["keep"] for r in rows})])
+  ax.set_xlabel("keep ratio of reference tokens in training")
+  ax.set_ylabel("train step speedup vs dense references")
+  ax.set_title(title, fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  rows = []
+  for name in args.configs:
+    try:
+      new = bench_config(name, args)
+    except C.ConfigError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    print(HEADER)
+    for r in new:
+      print(fmt(r), flush=True)
+    rows += new
+  os.makedirs(args.out, exist_ok=True)
+  tag = f"{'_'.join(os.path.basename(n).split('.py')[0] for n in args.configs)}_{jax.devices()[0].platform}"
+  with open(os.path.join(args.out, f"bench_train_{tag}.json"), "w") as f:
+    json.dump(rows, f, indent=1)
+  plot(rows, os.path.join(args.out, f"bench_train_{tag}.png"),
+       f"train step, median of {args.rounds} interleaved rounds, {jax.devices()[0].device_kind}")
+  print(f"\nwrote {args.out}/bench_train_{tag}.json and .png")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
