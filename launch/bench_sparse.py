@@ -28,7 +28,7 @@ from flax import nnx
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from sparse_context_jax.model import MMDiT, preset  # noqa: E402
-from sparse_context_jax.model.jitted import JittedMMDiT, flops  # noqa: E402
+from sparse_context_jax.model.jitted import JittedMMDiT  # noqa: E402
 from sparse_context_jax.model.positions import text_ids  # noqa: E402
 from sparse_context_jax.sparse import Reference, SparsePacker, SparseRequest, dense_inputs  # noqa: E402
 from sparse_context_jax.sparse.compare import interleaved_medians  # noqa: E402
@@ -97,7 +97,7 @@ def run(args) -> list[dict]:
       before = model.programs.count
       compile_s = model.compile_seconds(**kw)
       # a program of this sequence length may exist already (another reference count at another keep ratio)
-      info[name] = (compile_s, model.programs.count == before and name != "dense", flops(model.compiled(**kw)))
+      info[name] = (compile_s, model.programs.count == before and name != "dense", model.flops(**kw))
     seconds = ({name: float("nan") for name in runs} if args.flops_only else
                interleaved_medians({name: (lambda kw=kw: model(**kw)) for name, (_, kw) in runs.items()},
                                    args.repeats, warmup=2))

@@ -13,6 +13,7 @@ time; it writes a JSON of the rows and a PNG of speedup vs keep ratio into --out
   python launch/bench_train.py                          # tiny and medium, 4 rungs, 8 timed rounds (~5 min, 2 cores)
   python launch/bench_train.py --quick                  # tiny only, 3 timed rounds: a check that it runs
   python launch/bench_train.py --configs medium --rounds 20 --config.train.batch_size=8
+  python launch/bench_train.py --configs configs/medium.py:accelerator --synthetic   # klein 4B width, 512 px, GPU
 
 `--config.KEY=VALUE` overrides apply to every config. Timings on a shared machine are only good for checking the
 script; compare rows of one run (same machine, same moment), not runs.
@@ -32,16 +33,14 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from sparse_context_jax.data.pipeline import make_pipeline  # noqa: E402
 from sparse_context_jax.model.jitted import flops  # noqa: E402
 from sparse_context_jax.parallel import batch_sharding, make_mesh  # noqa: E402
 from sparse_context_jax.sparse.buckets import BucketLadder  # noqa: E402
 from sparse_context_jax.sparse.pack import SparsePacker  # noqa: E402
 from sparse_context_jax.sparse.select import fixed_budget  # noqa: E402
 from sparse_context_jax.train import config as C  # noqa: E402
-from sparse_context_jax.train.loop import dataset_path, host_batch  # noqa: E402
 from sparse_context_jax.train.objective import keep_ratio  # noqa: E402
-from sparse_context_jax.train.standin import HashedText  # noqa: E402
+from sparse_context_jax.train.standin import HashedText, host_batch  # noqa: E402
 from sparse_context_jax.train.state import init_state, setup  # noqa: E402
 from sparse_context_jax.train.step import compile_step  # noqa: E402
 
@@ -56,6 +55,8 @@ def parse_args(argv=None):
                  help="keep ratios, one rung each (1 = dense, the baseline of the speedups)")
   p.add_argument("--rounds", type=int, default=8, help="timed rounds (one step of every rung per round)")
   p.add_argument("--warmup", type=int, default=2, help="untimed rounds after compiling")
+  p.add_argument("--synthetic", action="store_true", help="random images of the config's shapes instead of a "
+                 "synthetic-world batch (needs no dataset code: grain, tfds)")
   p.add_argument("--quick", action="store_true", help="tiny only, 3 timed rounds, 1 warm-up: a check that it runs")
   p.add_argument("--out", default="bench_out", help="folder for the JSON and the plot")
   args, extra = p.parse_known_args(argv)
@@ -78,11 +79,27 @@ def load_config(name: str, overrides: list[str], keep: float):
   return C.apply_overrides(C.load(spec), list(overrides) + rung)
 
 
-def fixed_batch(config, cfg, mesh, workdir: str) -> tuple[dict, tuple[int, int]]:
-  """One pipeline batch of the config's synthetic world (only `batch_size` examples written), on the mesh."""
+def world_batch(config, workdir: str) -> dict:
+  """One pipeline batch of the config's synthetic world (only `batch_size` examples written)."""
+  from sparse_context_jax.data.pipeline import make_pipeline
+  from sparse_context_jax.train.loop import dataset_path
   config.data.world.count = config.train.batch_size
-  raw = next(iter(make_pipeline(dataset_path(config, workdir), batch_size=config.train.batch_size,
-                                resolution=config.data.resolution, max_refs=config.data.max_refs)))
+  return next(iter(make_pipeline(dataset_path(config, workdir), batch_size=config.train.batch_size,
+                                 resolution=config.data.resolution, max_refs=config.data.max_refs)))
+
+
+def random_batch(config) -> dict:
+  """A pipeline-shaped batch of random square images of side `data.resolution`, every reference slot used."""
+  rng = np.random.default_rng(0)
+  B, R, side = config.train.batch_size, config.data.max_refs, config.data.resolution
+  return dict(target=rng.integers(0, 256, (B, side, side, 3), np.uint8),
+              references=rng.integers(0, 256, (B, R, side, side, 3), np.uint8), ref_valid=np.ones((B, R), bool),
+              caption=np.asarray(["a red square at the top left"] * B), valid=np.ones((B,), bool))
+
+
+def fixed_batch(config, cfg, mesh, workdir: str, synthetic: bool) -> tuple[dict, tuple[int, int]]:
+  """The benchmark's one batch, on the mesh."""
+  raw = random_batch(config) if synthetic else world_batch(config, workdir)
   local = host_batch(raw, cfg, HashedText(config.data.txt_len, cfg.context_dim, cfg.pooled_dim))
   batch = {k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in local.items()}
   return batch, (raw["target"].shape[1] // 16, raw["target"].shape[2] // 16)
@@ -98,7 +115,7 @@ def bench_config(name: str, args) -> list[dict]:
   s = setup(config, cfg, mesh)
   state = init_state(config, cfg, s)
   with tempfile.TemporaryDirectory() as tmp:
-    batch, grid = fixed_batch(config, cfg, mesh, tmp)
+    batch, grid = fixed_batch(config, cfg, mesh, tmp, args.synthetic)
   B, T = batch["txt"].shape[:2]
   R, M = batch["refs"].shape[1:3]
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))

@@ -42,3 +42,24 @@ def test_scan_equals_unrolled_and_remat_changes_nothing(name):
 def test_unknown_remat_policy():
   with pytest.raises(ValueError, match="remat='some'"):
     jax_model("flux1-kontext", remat="some")
+
+
+def test_flops_count_every_layer_of_a_scanned_model():
+  """XLA counts a scan's body once; `JittedMMDiT.flops` counts the unrolled program, so the count grows by the
+  same amount with every added pair of blocks, and equals an unscanned model's."""
+  from sparse_context_jax.model.jitted import JittedMMDiT, flops
+  from sparse_context_jax.model.mmdit import MMDiT
+  from conftest import torch_model
+  import reference as ref
+  base = ref.config_of(torch_model("flux2-dev-3ref"))
+  x = as_jax(inputs("flux2-dev-3ref"))
+
+  def count(double: int, single: int, scan: bool = True):
+    cfg = base.replace(depth_double=double, depth_single=single)
+    return JittedMMDiT(nnx.eval_shape(lambda: MMDiT(cfg, rngs=nnx.Rngs(0), scan_layers=scan))).flops(**x)
+
+  f1, f2, f3 = count(1, 2), count(2, 4), count(3, 6)
+  assert f2 > 1.5 * f1 and abs((f3 - f2) - (f2 - f1)) <= 1e-6 * f3
+  cfg = base.replace(depth_double=2, depth_single=4)
+  unscanned = JittedMMDiT(MMDiT(cfg, rngs=nnx.Rngs(0), scan_layers=False))
+  assert f2 == count(2, 4, scan=False) and abs(f2 - flops(unscanned.compiled(**x))) <= 0.02 * f2

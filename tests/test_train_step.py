@@ -29,7 +29,7 @@ def tiny(*overrides):
 
 
 def make_batch(cfg, batch: int = 8, refs: int = 2, txt_len: int = 8, seed: int = 0) -> dict:
-  """A model batch as `loop.host_batch` builds it: some absent references and one padding example."""
+  """A model batch as `standin.host_batch` builds it: some absent references and one padding example."""
   rng = np.random.default_rng(seed)
   n = GRID[0] * GRID[1]
   ref_valid = np.ones((batch, refs), bool)

@@ -16,7 +16,7 @@ from flax import nnx
 from sparse_context_jax.cli import UserError
 from sparse_context_jax.commands.presets import table
 from sparse_context_jax.model import MMDiT, preset
-from sparse_context_jax.model.jitted import JittedMMDiT, flops
+from sparse_context_jax.model.jitted import JittedMMDiT
 from sparse_context_jax.model.positions import text_ids
 from sparse_context_jax.sparse import STRATEGIES, Reference, SparsePacker, SparseRequest, dense_inputs
 from sparse_context_jax.sparse.compare import interleaved_medians
@@ -120,9 +120,9 @@ def run(args) -> int:
   seconds = interleaved_medians({name: (lambda kw=kw: model(**kw)) for name, kw in kws.items()}, args.repeats,
                                 warmup=2)
   outputs = {name: np.asarray(model(**kw))[:, :n] for name, kw in kws.items()}
-  base = (seconds["dense"], flops(model.compiled(**kws["dense"])))
+  base = (seconds["dense"], model.flops(**kws["dense"]))
   for name, x, packed in runs:
-    kw, f = kws[name], flops(model.compiled(**kws[name]))
+    kw, f = kws[name], model.flops(**kws[name])
     valid = np.asarray(x.get("img_lengths", [x["img"].shape[1]] * B))
     bucket = "-" if packed is None else f"{packed.bucket:.3g}"
     print(f"{name:<22} {bucket:>6} {x['img'].shape[1]:>7} ({', '.join(str(int(v)) for v in valid):>12}) "

@@ -9,9 +9,12 @@ from sparse_context_jax.model.mmdit import MMDiT
 from sparse_context_jax.programs import ProgramCache
 
 
-def flops(compiled) -> float:
-  """XLA's FLOP count of a compiled program (`cost_analysis()`), NaN where the backend gives none."""
-  cost = compiled.cost_analysis()
+def flops(program) -> float:
+  """XLA's FLOP count of a lowered or compiled program (`cost_analysis()`), NaN where the backend gives none.
+
+  XLA counts the body of a loop once: for a model whose block stacks run under `lax.scan` use
+  `JittedMMDiT.flops`, which counts the unrolled program."""
+  cost = program.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float((cost or {}).get("flops", float("nan")))
 
@@ -27,6 +30,7 @@ class JittedMMDiT:
     self.config = model.config
     self.graphdef, self.state = nnx.split(model)
     self.programs = ProgramCache(self._forward, "mmdit")
+    self._unrolled = None   # graphdef with unrolled block stacks, for `flops`
 
   def _forward(self, state, inputs):
     return nnx.merge(self.graphdef, state)(**inputs)
@@ -41,6 +45,17 @@ class JittedMMDiT:
   def compiled(self, **kw):
     """The compiled program for these inputs (compiling it if needed), e.g. for `flops(...)`."""
     return self.programs.compiled(self.state, self._inputs(kw))
+
+  def flops(self, **kw) -> float:
+    """XLA's FLOP count of the call for these inputs, every layer counted: the program is lowered (not compiled)
+    with the block stacks unrolled, since XLA counts the body of a scan once."""
+    if self._unrolled is None:
+      model = nnx.merge(self.graphdef, self.state)
+      model.scan_layers = False
+      self._unrolled = nnx.split(model)[0]
+    lowered = jax.jit(lambda state, inputs: nnx.merge(self._unrolled, state)(**inputs)).lower(
+        self.state, self._inputs(kw))
+    return flops(lowered)
 
   def compile_seconds(self, **kw) -> float:
     return self.programs.seconds_to_compile(self.state, self._inputs(kw))

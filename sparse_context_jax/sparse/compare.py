@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from sparse_context_jax.model.jitted import JittedMMDiT, flops
+from sparse_context_jax.model.jitted import JittedMMDiT
 from sparse_context_jax.sparse.pack import PackedInputs, Reference, SparsePacker, SparseRequest, dense_inputs
 
 
@@ -69,6 +69,6 @@ def compare_dense_sparse(model: JittedMMDiT, packer: SparsePacker, *, txt, times
       packed=packed,
       dense_seconds=seconds["dense"],
       sparse_seconds=seconds["sparse"],
-      dense_flops=flops(model.compiled(**dense_kw)),
-      sparse_flops=flops(model.compiled(**sparse_kw)),
+      dense_flops=model.flops(**dense_kw),
+      sparse_flops=model.flops(**sparse_kw),
   )

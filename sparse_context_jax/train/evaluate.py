@@ -30,15 +30,14 @@ from sparse_context_jax.sampling.schedule import flux1_mu, sigmas
 from sparse_context_jax.sparse.pack import SparsePacker
 from sparse_context_jax.sparse.select import fixed_budget
 from sparse_context_jax.train import config as C
-from sparse_context_jax.train.loop import host_batch
-from sparse_context_jax.train.standin import HashedText, pixels_from_tokens
+from sparse_context_jax.train.standin import HashedText, host_batch, pixels_from_tokens
 
 
 def generate(params, batch: dict, key: jax.Array, sigma: jax.Array, *, graphdef: nnx.GraphDef, ratio: float,
              grid: tuple[int, int], guidance: float = 1.0) -> jax.Array:
   """(B, N, C) float32 target tokens sampled from noise (pure; jit it with graphdef, ratio and grid static).
 
-  params: the model's pure parameter dict (`state["params"]`); batch: `loop.host_batch`'s dict (its `target`
+  params: the model's pure parameter dict (`state["params"]`); batch: `standin.host_batch`'s dict (its `target`
   gives only the shape; `refs`, `ref_valid`, `txt` and `y` condition); key: the noise and the kept tokens (`ratio`
   of each reference's tokens at random, the training distribution; 1.0 keeps them all); sigma: (steps + 1,) noise
   levels from 1 to 0; grid: (h, w) token grid of the target and of every reference.

@@ -24,7 +24,7 @@ from sparse_context_jax.train import config as C
 from sparse_context_jax.train.checkpoint import RunCheckpoints
 from sparse_context_jax.train.metrics import MetricsWriter
 from sparse_context_jax.train.objective import keep_ratio
-from sparse_context_jax.train.standin import HashedText, pixel_tokens
+from sparse_context_jax.train.standin import HashedText, host_batch
 from sparse_context_jax.train.state import init_state, load_params, setup
 from sparse_context_jax.train.step import compile_step
 
@@ -44,17 +44,6 @@ def dataset_path(config, workdir: str) -> str:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("world dataset written")
   return path
-
-
-def host_batch(raw: dict, cfg, text: HashedText) -> dict:
-  """A pipeline batch (pixels, captions) -> this process's model batch (numpy; see `objective.loss_sums`)."""
-  txt, y = text([str(c) for c in raw["caption"]])
-  batch = {"target": pixel_tokens(raw["target"], cfg.in_channels),
-           "refs": pixel_tokens(raw["references"], cfg.in_channels),
-           "ref_valid": raw["ref_valid"], "txt": txt, "weight": raw["valid"].astype(np.float32)}
-  if cfg.pooled_dim:
-    batch["y"] = y
-  return batch
 
 
 def train(config, workdir: str, *, stop_after: int | None = None, devices=None) -> dict:

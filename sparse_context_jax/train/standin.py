@@ -68,3 +68,14 @@ class HashedText:
         txt[b, i], pooled = self._word(word)
         y[b] += pooled / max(1, len(words))
     return txt, y
+
+
+def host_batch(raw: dict, cfg, text: HashedText) -> dict:
+  """A pipeline batch (pixels, captions) -> this process's model batch (numpy; see `objective.loss_sums`)."""
+  txt, y = text([str(c) for c in raw["caption"]])
+  batch = {"target": pixel_tokens(raw["target"], cfg.in_channels),
+           "refs": pixel_tokens(raw["references"], cfg.in_channels),
+           "ref_valid": raw["ref_valid"], "txt": txt, "weight": raw["valid"].astype(np.float32)}
+  if cfg.pooled_dim:
+    batch["y"] = y
+  return batch
