@@ -3,9 +3,11 @@
 For 1 and 4 references and keep ratios 1 (dense) and 0.25, it generates --images images per point in batches
 (the whole denoising loop and the VAE decode, compiled once per point and excluded from the timing by a warm-up
 batch; the timing covers reference encoding and packing, sampling and decoding) and prints images/s and the
-speedup. Random weights; a small FLUX.2-style model by default.
+speedup. Random weights; a small FLUX.2-style model and VAE by default.
 
   bash launch/python.sh launch/bench_generate.py
+  python launch/bench_generate.py --preset flux2-klein-9b --vae flux2 --size 1024 --txt 512 --steps 28 \
+      --batch 1 --images 2 --dtype bfloat16 --attention cudnn --keeps 1 0.25 0.1   # the real shapes (accelerator)
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -23,11 +26,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from sparse_context_jax.generate import Generator, Job  # noqa: E402
 from sparse_context_jax.model import MMDiT, preset  # noqa: E402
-from sparse_context_jax.model.vae import VAEConfig, AutoencoderKL  # noqa: E402
+from sparse_context_jax.model.vae import VAE_PRESETS, VAEConfig, AutoencoderKL  # noqa: E402
 
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--preset", default="medium", help="'medium' (klein-9B-like, --hidden wide) or a FLUX.2 preset")
+  p.add_argument("--vae", default="small", choices=("small", "flux2"), help="a small random VAE or the real one")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute and weights")
+  p.add_argument("--attention", default=None, choices=(None, "xla", "cudnn"))
+  p.add_argument("--txt", type=int, default=32, help="text tokens")
   p.add_argument("--hidden", type=int, default=256)
   p.add_argument("--depth", type=int, nargs=2, default=(2, 6))
   p.add_argument("--size", type=int, default=256, help="target and reference side in pixels")
@@ -38,22 +46,29 @@ def main(argv=None) -> int:
   p.add_argument("--keeps", type=float, nargs="+", default=(1.0, 0.25))
   args = p.parse_args(argv)
 
-  cfg = preset("flux2-klein-9b").replace(num_heads=args.hidden // 128, depth_double=args.depth[0],
-                                         depth_single=args.depth[1], context_dim=3 * args.hidden)
-  vae_cfg = VAEConfig(family="flux2", block_out_channels=(32, 32, 32, 32), layers_per_block=1, latent_channels=32,
-                      norm_num_groups=8, use_quant_conv=True, use_post_quant_conv=True, scaling_factor=1.0,
-                      shift_factor=0.0)
-  gen = Generator(MMDiT(cfg, rngs=nnx.Rngs(0)), AutoencoderKL(vae_cfg, rngs=nnx.Rngs(1)), batch_size=args.batch)
+  if args.preset == "medium":
+    cfg = preset("flux2-klein-9b").replace(num_heads=args.hidden // 128, depth_double=args.depth[0],
+                                           depth_single=args.depth[1], context_dim=3 * args.hidden)
+  else:
+    cfg = preset(args.preset)
+  vae_cfg = VAE_PRESETS["flux2"] if args.vae == "flux2" else VAEConfig(
+      family="flux2", block_out_channels=(32, 32, 32, 32), layers_per_block=1, latent_channels=32, norm_num_groups=8,
+      use_quant_conv=True, use_post_quant_conv=True, scaling_factor=1.0, shift_factor=0.0)
+  dtype = jnp.dtype(args.dtype)
+  model = MMDiT(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype, attention_impl=args.attention)
+  gen = Generator(model, AutoencoderKL(vae_cfg, rngs=nnx.Rngs(1), dtype=dtype, param_dtype=dtype),
+                  batch_size=args.batch)
   rng = np.random.default_rng(0)
-  print(f"model: hidden {cfg.hidden_size}, {cfg.depth_double}+{cfg.depth_single} blocks; small VAE (8x, 32 ch); "
-        f"{args.size}x{args.size}, {args.steps} steps, batch {args.batch}, 32 text tokens, float32 on "
+  print(f"model {args.preset}: hidden {cfg.hidden_size}, {cfg.depth_double}+{cfg.depth_single} blocks; "
+        f"{'the FLUX.2' if args.vae == 'flux2' else 'a small'} VAE; {args.size}x{args.size}, {args.steps} steps, "
+        f"batch {args.batch}, {args.txt} text tokens, {args.dtype} on "
         f"{jax.devices()[0].device_kind}, {gen.devices} device(s)")
   print(f"{'refs':>4} {'keep':>5} {'seq':>5} {'images/s':>9} {'s/image':>8} {'speedup':>8}")
   base = {}
   for n_refs in args.refs:
     for keep in args.keeps:
       def job(i):
-        return Job(line=i, output=None, txt=rng.standard_normal((32, cfg.context_dim)).astype(np.float32), y=None,
+        return Job(line=i, output=None, txt=rng.standard_normal((args.txt, cfg.context_dim)).astype(np.float32), y=None,
                    neg_txt=None, neg_y=None, references=[rng.uniform(-1, 1, (args.size, args.size, 3)).astype(
                        np.float32) for _ in range(n_refs)], masks=[None] * n_refs, strategy="grid",
                    hybrid_base="edge", keep=keep, tau=None, size=(args.size, args.size), steps=args.steps,

@@ -52,6 +52,8 @@ def parse_args(argv=None):
   p.add_argument("--repeats", type=int, default=10)
   p.add_argument("--flops-only", action="store_true", help="abstract weights, no timing: XLA's FLOP counts (the "
                  "ideal speedups) of any shape on any machine, e.g. the real klein 9B at 1024x1024 on a CPU")
+  p.add_argument("--no-flops", action="store_true", help="skip the FLOP counts (on backends that count only "
+                 "compiled programs they cost one unrolled compile per shape)")
   p.add_argument("--out", default="bench_out", help="folder for the plot and the JSON")
   return p.parse_args(argv)
 
@@ -97,7 +99,8 @@ def run(args) -> list[dict]:
       before = model.programs.count
       compile_s = model.compile_seconds(**kw)
       # a program of this sequence length may exist already (another reference count at another keep ratio)
-      info[name] = (compile_s, model.programs.count == before and name != "dense", model.flops(**kw))
+      info[name] = (compile_s, model.programs.count == before and name != "dense",
+                    float("nan") if args.no_flops else model.flops(**kw))
     seconds = ({name: float("nan") for name in runs} if args.flops_only else
                interleaved_medians({name: (lambda kw=kw: model(**kw)) for name, (_, kw) in runs.items()},
                                    args.repeats, warmup=2))

@@ -9,10 +9,23 @@
 - `precompute`: a dataset -> a latent dataset (ArrayRecord) through pluggable encoders.
 """
 
-from sparse_context_jax.data.buckets import aspect_buckets, resize_crop
-from sparse_context_jax.data.builder import (BadManifest, Dataset, ReferencePairs, build_from_manifest,
-                                             open_dataset, write_dataset)
-from sparse_context_jax.data.images import ImageError, load_image, load_mask
-from sparse_context_jax.data.manifest import MAX_REFS, TASKS, BadRow, read_manifest
-from sparse_context_jax.data.pipeline import make_pipeline
-from sparse_context_jax.data.world import WorldRecords, example, psnr
+import importlib
+
+# Names import their module on first use (PEP 562), so code that needs one light module (generation's
+# `buckets.resize_crop`) does not import tfds and grain with the package.
+_EXPORTS = {
+    "buckets": ("aspect_buckets", "resize_crop"),
+    "builder": ("BadManifest", "Dataset", "ReferencePairs", "build_from_manifest", "open_dataset", "write_dataset"),
+    "images": ("ImageError", "load_image", "load_mask"),
+    "manifest": ("MAX_REFS", "TASKS", "BadRow", "read_manifest"),
+    "pipeline": ("make_pipeline",),
+    "world": ("WorldRecords", "example", "psnr"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+  if name not in _MODULE_OF:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)

@@ -10,13 +10,17 @@ from sparse_context_jax.programs import ProgramCache
 
 
 def flops(program) -> float:
-  """XLA's FLOP count of a lowered or compiled program (`cost_analysis()`), NaN where the backend gives none.
+  """XLA's FLOP count of a lowered or compiled program (`cost_analysis()`; a lowered one is compiled where the
+  backend counts only compiled programs), NaN where the backend gives none.
 
   XLA counts the body of a loop once: for a model whose block stacks run under `lax.scan` use
   `JittedMMDiT.flops`, which counts the unrolled program."""
   cost = program.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float((cost or {}).get("flops", float("nan")))
+  count = float((cost or {}).get("flops", float("nan")))
+  if count != count and isinstance(program, jax.stages.Lowered):
+    return flops(program.compile())   # some backends (GPU) count compiled programs only
+  return count
 
 
 class JittedMMDiT:
@@ -47,8 +51,8 @@ class JittedMMDiT:
     return self.programs.compiled(self.state, self._inputs(kw))
 
   def flops(self, **kw) -> float:
-    """XLA's FLOP count of the call for these inputs, every layer counted: the program is lowered (not compiled)
-    with the block stacks unrolled, since XLA counts the body of a scan once."""
+    """XLA's FLOP count of the call for these inputs, every layer counted: the program is lowered (not compiled,
+    where the backend allows) with the block stacks unrolled, since XLA counts the body of a scan once."""
     if self._unrolled is None:
       model = nnx.merge(self.graphdef, self.state)
       model.scan_layers = False
