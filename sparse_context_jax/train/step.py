@@ -51,7 +51,7 @@ def train_step(state: dict, batch: dict, *, graphdef, tx, packer: SparsePacker, 
   if "ema" in state:
     d = t.ema_decay
     new["ema"] = jax.tree.map(lambda e, p: d * e + (1 - d) * p.astype(e.dtype), state["ema"], params)
-  metrics = {"loss": lsum / denom, "grad_norm": optax.global_norm(grads), "lr": schedule(t)(state["step"]),
+  metrics = {"loss": lsum / denom, "grad_norm": optax.tree.norm(grads), "lr": schedule(t)(state["step"]),
              "examples": wsum}
   return new, metrics
 
