@@ -32,6 +32,7 @@ from sparse_context_jax.model.jitted import JittedMMDiT  # noqa: E402
 from sparse_context_jax.model.positions import text_ids  # noqa: E402
 from sparse_context_jax.sparse import Reference, SparsePacker, SparseRequest, dense_inputs  # noqa: E402
 from sparse_context_jax.sparse.compare import interleaved_medians  # noqa: E402
+from plots import speedup_plot  # noqa: E402  (launch/, this script's folder)
 
 
 def parse_args(argv=None):
@@ -128,25 +129,12 @@ def _fmt(r: dict) -> str:
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-  for i, n_refs in enumerate(sorted({r["refs"] for r in rows})):
-    pts = sorted((r["keep"], r["speedup"], r["ideal"]) for r in rows if r["refs"] == n_refs and r["keep"] != "dense")
-    k, achieved, ideal = zip(*pts)
-    color = f"C{i}"
-    ax.plot(k, achieved, "o-", color=color, label=f"{n_refs} ref{'s' if n_refs > 1 else ''}: measured")
-    ax.plot(k, ideal, "--", color=color, alpha=0.6, label=f"{n_refs} ref{'s' if n_refs > 1 else ''}: FLOP ideal")
-  ax.set_xscale("log")
-  ax.set_xticks([0.1, 0.25, 0.5, 1.0], labels=["0.1", "0.25", "0.5", "1"])
-  ax.set_xlabel("keep ratio of reference tokens")
-  ax.set_ylabel("denoiser step speedup vs dense")
-  ax.set_title(title, fontsize=9)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path)
+  series = {}
+  for r in rows:
+    if r["keep"] != "dense":
+      series.setdefault(f"{r['refs']} ref{'s' if r['refs'] > 1 else ''}", []).append(
+          (r["keep"], r["speedup"], r["ideal"]))
+  speedup_plot(dict(sorted(series.items())), path, title, "denoiser step speedup vs dense")
 
 
 def main(argv=None) -> int:

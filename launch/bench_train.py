@@ -43,6 +43,7 @@ from sparse_context_jax.train.objective import keep_ratio  # noqa: E402
 from sparse_context_jax.train.standin import HashedText, host_batch  # noqa: E402
 from sparse_context_jax.train.state import init_state, setup  # noqa: E402
 from sparse_context_jax.train.step import compile_step  # noqa: E402
+from plots import speedup_plot  # noqa: E402  (launch/, this script's folder)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -167,24 +168,11 @@ def fmt(r: dict) -> str:
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-  for i, name in enumerate(dict.fromkeys(r["config"] for r in rows)):
-    pts = sorted((r["keep"], r["speedup"], r["ideal"]) for r in rows if r["config"] == name)
-    k, achieved, ideal = zip(*pts)
-    ax.plot(k, achieved, "o-", color=f"C{i}", label=f"{name}: measured")
-    ax.plot(k, ideal, "--", color=f"C{i}", alpha=0.6, label=f"{name}: FLOP ideal")
-  ax.set_xscale("log", base=2)
-  ax.set_xticks(sorted({r["keep"] for r in rows}), labels=[f"{k:g}" for k in sorted({r["keep"] for r in rows})])
-  ax.set_xlabel("keep ratio of reference tokens in training")
-  ax.set_ylabel("train step speedup vs dense references")
-  ax.set_title(title, fontsize=9)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path)
+  series = {}
+  for r in rows:
+    series.setdefault(r["config"], []).append((r["keep"], r["speedup"], r["ideal"]))
+  speedup_plot(series, path, title, "train step speedup vs dense references",
+               "keep ratio of reference tokens in training")
 
 
 def main(argv=None) -> int:
