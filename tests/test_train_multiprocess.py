@@ -86,3 +86,31 @@ def test_two_processes_equal_one_and_restore_on_another_mesh(tmp_path):
   for step in a:
     assert a[step][1] == b[step][1], step
     assert abs(a[step][0] - b[step][0]) <= 1e-5 * abs(a[step][0]), (step, a[step][0], b[step][0])
+
+
+def test_sigterm_to_one_process_saves_on_every_process_and_stops(tmp_path):
+  """Preemption that reaches one worker first: both processes save the same step, then exit cleanly."""
+  import signal
+  import time
+  from sparse_context_jax.train.loop import dataset_path
+  data = dataset_path(C.apply_overrides(C.load(TINY), FAST), str(tmp_path))
+  workdir = str(tmp_path / "run")
+  overrides = FAST + ["data.path=" + data, "train.steps=400", "checkpoint.every=1000", "mesh=(2, 4, 1)"]
+  cmd = ["bash", os.path.join(ROOT, "launch", "train_local.sh"), "2", "4", "--config", TINY, "--workdir", workdir] + \
+      [f"--config.{o}" for o in overrides]
+  launcher = subprocess.Popen(cmd, env={**os.environ, "SCJ_PYTHON": sys.executable}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 600
+  while not any(m.get("step", 0) >= 3 and "loss" in m for m in
+                (read_metrics(workdir) if os.path.exists(os.path.join(workdir, "metrics.jsonl")) else [])):
+    assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()[1][-3000:]
+    time.sleep(0.05)
+  found = subprocess.run(["pgrep", "-f", "--", f"--workdir {workdir} .*--process-id 1$"], capture_output=True, text=True)
+  pids = [int(p) for p in found.stdout.split()]
+  assert len(pids) == 1, found
+  os.kill(pids[0], signal.SIGTERM)   # process 1 only; process 0 hears of it through the per-step agreement
+  out, err = launcher.communicate(timeout=600)
+  assert launcher.returncode == 0, out[-2000:] + err[-3000:]
+  saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+  preempted = [m["step"] for m in read_metrics(workdir) if m.get("event") == "preempted"]
+  assert len(saved) == 1 and preempted == saved and 3 <= saved[0] < 400

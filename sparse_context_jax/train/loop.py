@@ -112,8 +112,9 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None) 
       step += 1
       ratios[ratio] += 1
       bar.update(1)
-      if _any_process(stop["signal"] is not None):   # every process saves and stops at the same step
-        stop["signal"] = stop["signal"] or signal.SIGTERM
+      # Every process saves and stops at the same step: the decision is agreed once per step and kept (a signal
+      # arriving later in this step counts at the next one, never at a checkpoint only some processes reach).
+      stopping = _any_process(stop["signal"] is not None)
       if step % config.log.every == 0 or step == end:
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
@@ -126,9 +127,9 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None) 
                    "batch_crc32": _batch_crc32(raw)})
         bar.set_postfix(loss=f"{m['loss']:.4f}", keep=ratio)
         last = now
-      if step % config.checkpoint.every == 0 or step == end or stop["signal"] is not None:
+      if step % config.checkpoint.every == 0 or step == end or stopping:
         ckpt.save(step, state, data.get_state(), config_json, force=True)
-      if stop["signal"] is not None:
+      if stopping:
         log.write({"event": "preempted", "step": step})
         break
   finally:
