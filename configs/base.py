@@ -37,8 +37,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.max_refs = 1                         # reference slots per example
   c.data.seed = 0
   c.data.worker_count = 0
-  c.data.encoder = "pixels"                   # pixels (stand-in tokens, train/standin.py)
-  c.data.text = "hashed"                      # hashed (stand-in caption embedding, train/standin.py)
+  c.data.encoder = "pixels"                   # pixels (stand-in tokens, train/standin.py), or latents: data.path
+                                              # is a precompute folder (VAE latents and text embeddings)
+  c.data.text = "hashed"                      # hashed (stand-in caption embedding, train/standin.py); latents: unused
   c.data.txt_len = 32
 
   c.objective = ml_collections.ConfigDict()

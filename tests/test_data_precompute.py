@@ -69,13 +69,12 @@ def _cli(*args):
 
 
 def test_command_needs_real_encoders_and_runs_with_given_ones(tmp_path):
-  assert REAL_ENCODERS == {}   # when the Flax VAE and text encoders land, this test changes with them
+  assert REAL_ENCODERS == {}   # when the Flax text encoders land, this test changes with them
   records = world.WorldRecords(3, seed=0, size=(32, 32))
   data = write_dataset(records, tmp_path / "w", metadata=records.metadata())
   r = _cli("precompute", data, tmp_path / "lat")
   assert r.returncode == 2 and "Traceback" not in r.stderr
-  assert r.stderr.strip().splitlines()[-1].startswith("error: precompute needs real encoders: the Flax VAE and "
-                                                      "text encoders arrive with a later issue")
+  assert r.stderr.strip().splitlines()[-1].startswith("error: precompute needs --encoders: vae:PATH")
   assert not (tmp_path / "lat").exists()
   r = _cli("precompute", data, tmp_path / "lat", "--encoders", "test_data_precompute:double_encoders",
            "--resolution", "32")

@@ -1,8 +1,9 @@
 """Turn a dataset into a latent dataset (VAE latents of target and references, text embeddings; ArrayRecord).
 
-It needs real encoders: the Flax VAE and text encoders arrive with a later issue. Until then it runs only with
-`--encoders module:attribute` naming an `sparse_context_jax.data.precompute.Encoders` (or a function returning
-one) that you provide.
+`--encoders vae:PATH` encodes images with the project's Flax VAE (PATH: a VAE folder written by `convert`). Real
+text encoders are still missing, so its captions get the hashed stand-in embedding (`--text-len` x `--text-dim`,
+the model's context_dim, and `--pooled-dim` for FLUX.1). `--encoders module:attribute` names your own
+`sparse_context_jax.data.precompute.Encoders` (or a function returning one).
 """
 
 from __future__ import annotations
@@ -16,8 +17,14 @@ from sparse_context_jax.cli import UserError
 def add_arguments(parser) -> None:
   parser.add_argument("dataset", metavar="DATASET", help="a folder written by build-dataset")
   parser.add_argument("out", metavar="OUT", help="latent folder to create (must not exist or be empty)")
-  parser.add_argument("--encoders", metavar="SPEC", help="registered encoder name, or module:attribute giving an "
-                      "Encoders (required until the Flax VAE and text encoders land)")
+  parser.add_argument("--encoders", metavar="SPEC", help="vae:PATH (a converted Flax VAE, with the hashed stand-in "
+                      "text: real text encoders are still missing), a registered name, or module:attribute giving "
+                      "an Encoders")
+  parser.add_argument("--text-len", type=int, default=32, help="vae:PATH: stand-in text tokens per caption")
+  parser.add_argument("--text-dim", type=int, default=0, help="vae:PATH: stand-in text features, the model's "
+                      "context_dim (required with vae:PATH)")
+  parser.add_argument("--pooled-dim", type=int, default=0, help="vae:PATH: pooled text vector size, the model's "
+                      "pooled_dim (768 for FLUX.1, 0 for FLUX.2)")
   parser.add_argument("--batch", type=int, default=8, help="examples per encoder call")
   parser.add_argument("--resolution", type=int, default=512, help="bucket area about RESOLUTION^2 (multiple of 16)")
   parser.add_argument("--force", action="store_true", help="replace a non-empty OUT")
@@ -26,17 +33,17 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
   from sparse_context_jax.data import precompute as P
   if args.encoders is None:
-    if not P.REAL_ENCODERS:
-      raise UserError("precompute needs real encoders: the Flax VAE and text encoders arrive with a later issue "
-                      "and none is available yet (pass --encoders module:attribute to use your own)")
-    raise UserError(f"--encoders is required (one of {sorted(P.REAL_ENCODERS)} or module:attribute)")
+    raise UserError("precompute needs --encoders: vae:PATH (a converted Flax VAE; captions get the hashed stand-in "
+                    f"text, real text encoders are still missing), one of {sorted(P.REAL_ENCODERS)} or "
+                    "module:attribute")
   if args.batch <= 0:
     raise UserError(f"--batch {args.batch} (expected > 0)")
   if args.resolution <= 0 or args.resolution % 16:
     raise UserError(f"--resolution {args.resolution} (expected a positive multiple of 16)")
   start = time.perf_counter()
   try:
-    encoders = P.load_encoders(args.encoders)
+    encoders = P.load_encoders(args.encoders, text_len=args.text_len, text_dim=args.text_dim,
+                               pooled_dim=args.pooled_dim)
     count = P.precompute(args.dataset, args.out, encoders, batch_size=args.batch, resolution=args.resolution,
                          force=args.force)
   except (FileExistsError, FileNotFoundError, ValueError) as e:

@@ -5,8 +5,10 @@
 - `builder`: the tfds builder, `write_dataset` (atomic), `build_from_manifest`, `open_dataset`.
 - `buckets`: aspect-ratio buckets (multiples of 16) and resize + centre-crop.
 - `pipeline`: the grain pipeline (sharding, seeded shuffle, repeat, fixed-shape batches, workers, state).
+- `latent_pipeline`: the same batches over a `precompute` folder, bucketed by latent shape.
 - `world`: procedural reference pairs with exact ground truth for both tasks.
 - `precompute`: a dataset -> a latent dataset (ArrayRecord) through pluggable encoders.
+- `vae_encoders`: the project's Flax VAE (and the hashed stand-in text) as precompute encoders.
 """
 
 import importlib
@@ -19,6 +21,7 @@ _EXPORTS = {
     "images": ("ImageError", "load_image", "load_mask"),
     "manifest": ("MAX_REFS", "TASKS", "BadRow", "read_manifest"),
     "pipeline": ("make_pipeline",),
+    "latent_pipeline": ("make_latent_pipeline",),
     "world": ("WorldRecords", "example", "psnr"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -166,16 +166,27 @@ def make_pipeline(dataset: Dataset | str | os.PathLike, *, batch_size: int, reso
   if any(h % 16 or w % 16 or h <= 0 or w <= 0 for h, w in buckets):
     raise ValueError(f"buckets {buckets} (expected (height, width) pairs of positive multiples of 16)")
   max_refs = max_refs or int(dataset.metadata["max_refs"])
-  shard = shard or grain.sharding.NoSharding()
-  if not 0 <= shard.shard_index < shard.shard_count:
-    raise ValueError(f"shard {shard.shard_index} of {shard.shard_count} (expected 0 <= index < count)")
   if len(dataset) == 0:
     raise ValueError(f"dataset {dataset.path} has no records")
   sizes = dataset.target_sizes
   bucket_of = np.array([nearest_bucket(sizes[i], buckets) for i in range(len(dataset))])
-  plan = BatchPlan(np.arange(len(dataset)), bucket_of, batch_size * shard.shard_count, seed, shuffle, num_epochs)
+  return bucketed_batches(bucket_of, Loader(str(dataset.path), buckets, max_refs), batch_size=batch_size, seed=seed,
+                          shuffle=shuffle, num_epochs=num_epochs, shard=shard, worker_count=worker_count,
+                          num_threads=num_threads, prefetch=prefetch)
+
+
+def bucketed_batches(bucket_of: np.ndarray, loader, *, batch_size: int, seed: int, shuffle: bool,
+                     num_epochs: int | None, shard: grain.sharding.ShardOptions | None, worker_count: int = 0,
+                     num_threads: int = 8, prefetch: int = 16) -> grain.IterDataset:
+  """Records 0..len(bucket_of)-1, record i in bucket `bucket_of[i]` -> a grain `IterDataset` of this process's
+  batches of `loader((record, bucket, valid))` examples (the `BatchPlan` / `ProcessRows` semantics of the module
+  docstring; shared by the pixel and the latent pipelines)."""
+  shard = shard or grain.sharding.NoSharding()
+  if not 0 <= shard.shard_index < shard.shard_count:
+    raise ValueError(f"shard {shard.shard_index} of {shard.shard_count} (expected 0 <= index < count)")
+  plan = BatchPlan(np.arange(len(bucket_of)), bucket_of, batch_size * shard.shard_count, seed, shuffle, num_epochs)
   rows = ProcessRows(plan, shard.shard_index, shard.shard_count)
-  ds = grain.MapDataset.source(rows).map(Loader(str(dataset.path), buckets, max_refs)).batch(batch_size)
+  ds = grain.MapDataset.source(rows).map(loader).batch(batch_size)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
   if worker_count > 0:
     _parse_absl_flags()

@@ -1,11 +1,15 @@
 """A dataset -> a latent dataset: VAE latents and text embeddings computed once, so training never re-runs the
 encoders.
 
-Encoders are pluggable (`Encoders`). The Flax VAE and text encoders arrive with a later issue; until then
-`REAL_ENCODERS` is empty and the `precompute` command refuses to run without an explicit `--encoders module:attr`.
+Encoders are pluggable (`Encoders`): `vae:PATH` is the project's Flax VAE (a converted VAE folder) with the hashed
+stand-in text (`vae_encoders`; real text encoders are still missing), `module:attr` names your own. `REAL_ENCODERS`
+(named real image + text encoders) stays empty until the text encoders land, and the `precompute` command refuses
+to run without an explicit `--encoders`.
 
-Output folder: `latents.array_record` (one record per dataset record, in index order, padding never written) and
-`latents.json` (count, encoder name, buckets, source). A record is an `.npz` (numpy's own format, no pickle):
+Output folder: `latents.array_record` (one record per dataset record, bucket by bucket, padding never written) and
+`latents.json` (count, encoder name, buckets, source), `shapes.npy` ((count, 2) int32: each record's latent
+(h, w), so the training pipeline buckets records without reading them). A record is an `.npz` (numpy's own
+format, no pickle):
 - `index` int64, `task` int32, `caption` str;
 - `target_latent` (h, w, C); `reference_latents` (R, h, w, C), unused slots zero; `ref_valid` (R,) bool;
 - `mask_tokens` (R, H/16, W/16) float32: the fraction of each 16x16 patch inside the mask (what the `mask`
@@ -32,7 +36,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from sparse_context_jax.data.builder import Dataset, open_dataset
 from sparse_context_jax.data.pipeline import make_pipeline
 
-LATENTS_FILE, INFO_FILE = "latents.array_record", "latents.json"
+LATENTS_FILE, INFO_FILE, SHAPES_FILE = "latents.array_record", "latents.json", "shapes.npy"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,17 +48,22 @@ class Encoders:
   text: Callable[[list[str]], dict[str, np.ndarray]]
 
 
-# name -> factory of real encoders; empty until the Flax VAE and text encoders land (a later issue).
+# name -> factory of real image + text encoders; empty until the Flax text encoders land (a later issue).
 REAL_ENCODERS: dict[str, Callable[[], Encoders]] = {}
 
 
-def load_encoders(spec: str) -> Encoders:
-  """`name` of REAL_ENCODERS, or `module:attribute` naming an `Encoders` or a function returning one."""
+def load_encoders(spec: str, *, text_len: int = 32, text_dim: int = 0, pooled_dim: int = 0) -> Encoders:
+  """`name` of REAL_ENCODERS; `vae:PATH`, the converted Flax VAE at PATH with the hashed stand-in text of
+  text_len x text_dim (and a pooled_dim vector when > 0; see `vae_encoders`); or `module:attribute` naming an
+  `Encoders` or a function returning one."""
   if spec in REAL_ENCODERS:
     return REAL_ENCODERS[spec]()
+  if spec.startswith("vae:"):
+    from sparse_context_jax.data.vae_encoders import vae_encoders
+    return vae_encoders(spec[len("vae:"):], text_len=text_len, text_dim=text_dim, pooled_dim=pooled_dim)
   module, _, attr = spec.partition(":")
   if not attr:
-    raise ValueError(f"encoders {spec!r}: expected one of {sorted(REAL_ENCODERS)} or module:attribute")
+    raise ValueError(f"encoders {spec!r}: expected one of {sorted(REAL_ENCODERS)}, vae:PATH or module:attribute")
   try:
     found = getattr(importlib.import_module(module), attr)
   except (ImportError, AttributeError) as e:
@@ -107,12 +116,14 @@ def precompute(dataset: Dataset | str, out: str | os.PathLike, encoders: Encoder
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
   try:
-    writer, count = ArrayRecordWriter(os.fspath(tmp / LATENTS_FILE), "group_size:1"), 0
+    writer, count, shapes = ArrayRecordWriter(os.fspath(tmp / LATENTS_FILE), "group_size:1"), 0, []
     for batch in pipeline:   # streamed: memory holds one batch, not the dataset
       for record in _encode_batch(batch, encoders):
         writer.write(_npz(record))
+        shapes.append(record["target_latent"].shape[:2])
         count += 1
     writer.close()
+    np.save(tmp / SHAPES_FILE, np.asarray(shapes, np.int32).reshape(-1, 2))
     info = dict(count=count, encoders=encoders.name, source=os.fspath(dataset.path),
                 resolution=resolution, buckets=[list(b) for b in buckets] if buckets else None)
     (tmp / INFO_FILE).write_text(json.dumps(info, indent=1))
@@ -137,6 +148,14 @@ class Latents:
 
   def __len__(self) -> int:
     return len(self._source)
+
+  @property
+  def shapes(self) -> np.ndarray:
+    """(len, 2) int32: the latent (h, w) of every record."""
+    if not (self.path / SHAPES_FILE).is_file():
+      raise FileNotFoundError(f"{os.fspath(self.path)!r} has no {SHAPES_FILE} (written by an older precompute: run "
+                              "precompute again)")
+    return np.load(self.path / SHAPES_FILE, allow_pickle=False)
 
   def __getitem__(self, i: int) -> dict:
     with np.load(io.BytesIO(self._source[i]), allow_pickle=False) as z:

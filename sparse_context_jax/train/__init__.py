@@ -2,6 +2,7 @@
 
 - `config`: load `configs/FILE.py:ARG`, apply `--config.key=value` overrides, validate before any compile.
 - `standin`: stand-in encoders for the local mode (pixel tokens, hashed caption embedding).
+- `latents`: batches of precomputed VAE latents (a `precompute` folder) -> packed model batches.
 - `objective`: flow matching on the target tokens with randomly thinned, clean references.
 - `state`: model, optimizer, shardings of the train state.
 - `step`: the jitted, sharded, donated train step (gradient accumulation, EMA).

@@ -151,9 +151,11 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
     raise ConfigError(f"objective.dense_prob={o.dense_prob} (expected a probability in [0, 1])")
   if not (math.isfinite(o.logit_std) and o.logit_std > 0):
     raise ConfigError(f"objective.logit_std={o.logit_std} (expected > 0)")
-  if config.data.encoder != "pixels":
-    raise ConfigError(f"data.encoder={config.data.encoder!r}: only the 'pixels' stand-in is wired in so far")
-  if config.data.text != "hashed":
+  if config.data.encoder == "latents":
+    _check_latents(config)
+  elif config.data.encoder != "pixels":
+    raise ConfigError(f"data.encoder={config.data.encoder!r} (expected 'pixels' or 'latents')")
+  elif config.data.text != "hashed":
     raise ConfigError(f"data.text={config.data.text!r}: only the 'hashed' stand-in exists until text encoders land")
   if config.checkpoint.every <= 0 or config.checkpoint.keep <= 0 or config.log.every <= 0:
     raise ConfigError("checkpoint.every, checkpoint.keep and log.every must be > 0")
@@ -161,3 +163,30 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
   bad = {k: v for k, v in rules.items() if v not in (None, "data", "fsdp", "tensor")}
   if bad:
     raise ConfigError(f"sharding_rules {bad}: mesh axes are data, fsdp, tensor (or None)")
+
+
+def _check_latents(config) -> None:
+  """data.encoder='latents': `data.path` is a latent folder whose tokens, text and references fit the model."""
+  from sparse_context_jax.data.latent_pipeline import describe
+  path, cfg = config.data.path, model_config(config)
+  if not path:
+    raise ConfigError("data.encoder='latents' needs data.path: a latent folder (the output of precompute)")
+  try:
+    info = describe(path)
+  except (FileNotFoundError, ValueError) as e:
+    raise ConfigError(f"data.path: {e}") from None
+  where = f"data.path={path!r}"
+  if 4 * info["latent_channels"] != cfg.in_channels:
+    raise ConfigError(f"{where}: latents of {info['latent_channels']} channels pack into {4 * info['latent_channels']}"
+                      f"-channel tokens, but the model's in_channels is {cfg.in_channels}")
+  text = info["text"].get("embeddings")
+  if text is None or len(text) != 2 or text[1] != cfg.context_dim:
+    raise ConfigError(f"{where}: text_embeddings of shape {text} per example, expected (T, {cfg.context_dim}) "
+                      "(the model's context_dim)")
+  pooled = info["text"].get("pooled")
+  if bool(cfg.pooled_dim) != (pooled is not None) or (pooled is not None and pooled != (cfg.pooled_dim,)):
+    raise ConfigError(f"{where}: text_pooled of shape {pooled} per example, but the model's pooled_dim is "
+                      f"{cfg.pooled_dim} (expected {(cfg.pooled_dim,) if cfg.pooled_dim else 'none'})")
+  if info["ref_slots"] > config.data.max_refs:
+    raise ConfigError(f"{where} has {info['ref_slots']} reference slots per example, more than data.max_refs="
+                      f"{config.data.max_refs}")

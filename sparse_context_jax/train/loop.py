@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import tqdm
 
+from sparse_context_jax.data.latent_pipeline import make_latent_pipeline
 from sparse_context_jax.data.pipeline import make_pipeline
 from sparse_context_jax.parallel import batch_sharding, make_mesh
 from sparse_context_jax.sparse.pack import SparsePacker
@@ -24,7 +25,8 @@ from sparse_context_jax.train import config as C
 from sparse_context_jax.train.checkpoint import RunCheckpoints
 from sparse_context_jax.train.metrics import MetricsWriter
 from sparse_context_jax.train.objective import keep_ratio
-from sparse_context_jax.train.standin import HashedText, host_batch
+from sparse_context_jax.train.latents import latent_batch, latent_grid
+from sparse_context_jax.train.standin import HashedText, host_batch, pixel_grid
 from sparse_context_jax.train.state import init_state, load_params, setup
 from sparse_context_jax.train.step import compile_step
 
@@ -61,12 +63,17 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None) 
   # ---- Input: this process's rows of every global batch ------------------------------------------------------
   per_process = t.batch_size // jax.process_count()
   _check_process_rows(mesh, t.batch_size)
-  pipeline = make_pipeline(
-      dataset_path(config, workdir), batch_size=per_process, resolution=config.data.resolution,
-      seed=config.data.seed, max_refs=config.data.max_refs, worker_count=config.data.worker_count,
-      shard=grain.sharding.ShardOptions(jax.process_index(), jax.process_count()))
+  common = dict(batch_size=per_process, seed=config.data.seed, max_refs=config.data.max_refs,
+                worker_count=config.data.worker_count,
+                shard=grain.sharding.ShardOptions(jax.process_index(), jax.process_count()))
+  if config.data.encoder == "latents":   # precomputed VAE latents and text embeddings
+    pipeline = make_latent_pipeline(config.data.path, **common)
+    to_model, token_grid = (lambda raw: latent_batch(raw, cfg)), latent_grid
+  else:                                  # stand-in pixel tokens and hashed captions
+    pipeline = make_pipeline(dataset_path(config, workdir), resolution=config.data.resolution, **common)
+    text = HashedText(config.data.txt_len, cfg.context_dim, cfg.pooled_dim)
+    to_model, token_grid = (lambda raw: host_batch(raw, cfg, text)), pixel_grid
   data = iter(pipeline)
-  text = HashedText(config.data.txt_len, cfg.context_dim, cfg.pooled_dim)
 
   # ---- Model and train state: resume, else initialise (from a converted checkpoint or at random) -------------
   s = setup(config, cfg, mesh)
@@ -96,11 +103,11 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None) 
   try:
     while step < end:
       raw = next(data)
-      local = host_batch(raw, cfg, text)
+      local = to_model(raw)
       batch = {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
                for k, v in local.items()}
       ratio = keep_ratio(config.objective, config.seed, step)
-      grid = (raw["target"].shape[1] // 16, raw["target"].shape[2] // 16)
+      grid = token_grid(raw)
       key = (ratio, grid, tuple(sorted((k, v.shape) for k, v in batch.items())))
       if key not in programs:
         tic = time.perf_counter()

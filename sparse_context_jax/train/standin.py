@@ -70,6 +70,11 @@ class HashedText:
     return txt, y
 
 
+def pixel_grid(raw: dict) -> tuple[int, int]:
+  """(h, w) in tokens of a pixel batch's target (and of its references, one bucket): 16x16 pixels a token."""
+  return raw["target"].shape[1] // 16, raw["target"].shape[2] // 16
+
+
 def host_batch(raw: dict, cfg, text: HashedText) -> dict:
   """A pipeline batch (pixels, captions) -> this process's model batch (numpy; see `objective.loss_sums`)."""
   txt, y = text([str(c) for c in raw["caption"]])
