@@ -61,3 +61,21 @@ def as_jax(x: dict) -> dict:
 def tiny_name(request):
   return request.param
 
+
+
+def resumed_equals_straight(config, tmp_path, first: int) -> list[float]:
+  """Trains `config` straight in tmp_path/a, and in tmp_path/b for `first` steps then resumed to the end; asserts
+  the final parameters are bitwise equal and both logged the same (step, loss) curve; returns the losses."""
+  from sparse_context_jax.train.loop import train
+  from sparse_context_jax.train.metrics import read_metrics
+  flat = lambda state: {jax.tree_util.keystr(p): np.asarray(v)
+                        for p, v in jax.tree_util.tree_leaves_with_path(state["params"])}
+  straight = flat(train(config, str(tmp_path / "a")))
+  train(config, str(tmp_path / "b"), stop_after=first)
+  resumed = flat(train(config, str(tmp_path / "b")))
+  assert straight.keys() == resumed.keys()
+  for k in straight:
+    np.testing.assert_array_equal(straight[k], resumed[k], err_msg=k)
+  curve = lambda d: [(m["step"], m["loss"]) for m in read_metrics(tmp_path / d) if "loss" in m]
+  assert curve("a") == curve("b")
+  return [loss for _, loss in curve("a")]

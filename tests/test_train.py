@@ -13,11 +13,11 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import resumed_equals_straight
 from sparse_context_jax import cli
 from sparse_context_jax.parallel import make_mesh, mesh_shape, param_sharding
 from sparse_context_jax.train import config as C
 from sparse_context_jax.train.checkpoint import CheckpointError
-from sparse_context_jax.train.metrics import read_metrics
 from sparse_context_jax.train.objective import keep_ratio
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,21 +97,10 @@ def test_keep_ratio_draws_rungs_in_range_and_dense_share():
   assert {keep_ratio(o, seed=0, step=s) for s in range(200)} == {0.375, 0.5}   # snapped up to the ladder
 
 
-def _params(state):
-  return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(state["params"])}
-
-
 def test_resume_gives_the_identical_next_steps_and_bad_checkpoints_fail(tmp_path):
   from sparse_context_jax.train.loop import train
   c = tiny("train.steps=4", "checkpoint.every=2")
-  straight = _params(train(c, str(tmp_path / "a")))
-  train(c, str(tmp_path / "b"), stop_after=2)
-  resumed = _params(train(c, str(tmp_path / "b")))
-  assert straight.keys() == resumed.keys()
-  for k in straight:
-    np.testing.assert_array_equal(straight[k], resumed[k], err_msg=k)
-  losses = lambda d: [(m["step"], m["loss"]) for m in read_metrics(tmp_path / d) if "loss" in m]
-  assert losses("a") == losses("b")
+  resumed_equals_straight(c, tmp_path, first=2)
   # An unreadable latest checkpoint is an error, not a fresh start.
   state_dir = tmp_path / "b" / "checkpoints" / "4" / "state"
   shutil.rmtree(state_dir)

@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
+from conftest import resumed_equals_straight
 from sparse_context_jax import cli, load_vae
 from sparse_context_jax.data import world, write_dataset
 from sparse_context_jax.data.latent_pipeline import make_latent_pipeline
@@ -22,7 +23,6 @@ from sparse_context_jax.data.precompute import load_encoders, precompute
 from sparse_context_jax.model.vae import AutoencoderKL, VAEConfig, encode_tokens
 from sparse_context_jax.train import config as C
 from sparse_context_jax.train.latents import latent_batch
-from sparse_context_jax.train.metrics import read_metrics
 from sparse_context_jax.train.standin import HashedText
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,24 +141,12 @@ def test_latent_pipeline_buckets_by_shape_pads_splits_rows_and_resumes(folders, 
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
-def _params(state):
-  return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(state["params"])}
-
-
 def test_trains_on_latents_learns_and_resumes_bitwise(folders, tmp_path):
   """20 straight steps equal 2 steps, a restart from their checkpoint and 18 more, bitwise; the loss falls."""
-  from sparse_context_jax.train.loop import train
   _, folder = folders
   c = tiny(folder, "train.steps=20", "checkpoint.every=10", "train.schedule=constant")
-  straight = _params(train(c, str(tmp_path / "a")))
-  train(c, str(tmp_path / "b"), stop_after=2)
-  resumed = _params(train(c, str(tmp_path / "b")))
-  assert straight.keys() == resumed.keys()
-  for k in straight:
-    np.testing.assert_array_equal(straight[k], resumed[k], err_msg=k)
-  losses = lambda d: [m["loss"] for m in read_metrics(tmp_path / d) if "loss" in m]
-  loss = losses("a")
-  assert loss == losses("b") and len(loss) == 20 and np.all(np.isfinite(loss))
+  loss = resumed_equals_straight(c, tmp_path, first=2)
+  assert len(loss) == 20 and np.all(np.isfinite(loss))
   assert np.mean(loss[-5:]) < np.mean(loss[:5]), loss
 
 
