@@ -22,13 +22,13 @@ from sparse_context_jax.data.pipeline import bucketed_batches
 from sparse_context_jax.data.precompute import Latents
 
 
-def describe(path: str | os.PathLike) -> dict:
-  """What a model needs to match in a latent folder, from its first record: `latent_channels` (C of (h, w, C)),
-  `ref_slots` (R), `text` {name: shape of one example's `text_<name>` array}. FileNotFoundError if `path` is not
-  a latent folder, ValueError if it has no records."""
-  latents = Latents(path)
+def describe(path: str | os.PathLike | Latents) -> dict:
+  """What a model needs to match in a latent folder (a path, or one already open), from its first record:
+  `latent_channels` (C of (h, w, C)), `ref_slots` (R), `text` {name: shape of one example's `text_<name>` array}.
+  FileNotFoundError if `path` is not a latent folder, ValueError if it has no records."""
+  latents = path if isinstance(path, Latents) else Latents(path)
   if len(latents) == 0:
-    raise ValueError(f"latent folder {os.fspath(path)!r} has no records")
+    raise ValueError(f"latent folder {os.fspath(latents.path)!r} has no records")
   latents.shapes   # noqa: B018 -- refuse a folder without its shape index now, not in the pipeline
   first = latents[0]
   return dict(latent_channels=int(first["target_latent"].shape[-1]), ref_slots=int(first["ref_valid"].shape[0]),
@@ -86,9 +86,9 @@ def make_latent_pipeline(path: str | os.PathLike, *, batch_size: int, seed: int 
   defaults to the folder's reference slots)."""
   if batch_size <= 0:
     raise ValueError(f"batch_size {batch_size} (expected > 0)")
-  info = describe(path)
-  shapes = Latents(path).shapes
-  _, bucket_of = np.unique(shapes, axis=0, return_inverse=True)
+  latents = Latents(path)   # opened once: its first record describes it, its shape index buckets it
+  info = describe(latents)
+  _, bucket_of = np.unique(latents.shapes, axis=0, return_inverse=True)
   loader = LatentLoader(os.fspath(path), max_refs or info["ref_slots"], info["text"])
   return bucketed_batches(bucket_of.reshape(-1), loader, batch_size=batch_size, seed=seed, shuffle=shuffle,
                           num_epochs=num_epochs, shard=shard, worker_count=worker_count, num_threads=num_threads,

@@ -20,6 +20,7 @@ format, no pickle):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import io
 import json
@@ -149,9 +150,9 @@ class Latents:
   def __len__(self) -> int:
     return len(self._source)
 
-  @property
+  @functools.cached_property
   def shapes(self) -> np.ndarray:
-    """(len, 2) int32: the latent (h, w) of every record."""
+    """(len, 2) int32: the latent (h, w) of every record (read once)."""
     if not (self.path / SHAPES_FILE).is_file():
       raise FileNotFoundError(f"{os.fspath(self.path)!r} has no {SHAPES_FILE} (written by an older precompute: run "
                               "precompute again)")
