@@ -1,10 +1,29 @@
-"""Tiny diffusers FLUX transformers with random weights, and matching inputs, for parity tests (test-only torch)."""
+"""Tiny diffusers FLUX transformers with random weights, and matching inputs, for parity tests (test-only torch).
+
+The parity tests compare this port with the *exact* reference. diffusers computes two things in float32 whatever the
+model dtype:
+- the timestep and guidance sinusoids (`get_timestep_embedding`: exponent, `exp`, product and `sin`/`cos` in
+  float32). Float32 `exp` differs by an ulp between machines (torch's CPU kernels round 2 or 3 of the 128
+  frequencies differently on different CPUs); at guidance x 1000 (~5000 rad) that moves the embedding by up to 4e-4
+  and the tiny models' outputs by 1e-5 to 4e-5, depending on the machine. This is what made the suite fail on
+  some machines;
+- the RoPE tables (angles in float64, cos/sin stored in float32) and their application (`apply_rotary_emb`, in
+  float32): machine-independent, but they cap a float64 comparison at ~1e-8.
+Within `exact_sinusoids()` those three functions run in float64 and return the model's dtype; every other
+computation of the references already runs in the model dtype (diffusers' `t.to(dtype) * 1000` included).
+`torch_forward` uses it unless `as_shipped=True`.
+"""
 
 from __future__ import annotations
+
+import contextlib
+import math
 
 import numpy as np
 import torch
 from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel
+from diffusers.models import embeddings as diffusers_embeddings
+from diffusers.models.transformers import transformer_flux, transformer_flux2
 
 from sparse_context_jax import MMDiTConfig
 
@@ -87,16 +106,72 @@ def make_inputs(cfg: MMDiTConfig, *, batch=2, txt_len=7, target=(4, 4), refs=((4
   return x
 
 
+def exact_timestep_embedding(timesteps: torch.Tensor, embedding_dim: int, flip_sin_to_cos: bool = False,
+                             downscale_freq_shift: float = 1, scale: float = 1, max_period: int = 10000) -> torch.Tensor:
+  """diffusers' `get_timestep_embedding`, every step in float64, returned in the dtype of `timesteps`."""
+  half = embedding_dim // 2
+  exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float64) / (half - downscale_freq_shift)
+  args = timesteps[:, None].double() * torch.exp(exponent)[None, :] * scale
+  emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+  if flip_sin_to_cos:
+    emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
+  if embedding_dim % 2 == 1:
+    emb = torch.nn.functional.pad(emb, (0, 1, 0, 0))
+  return emb.to(timesteps.dtype)
+
+
+def exact_rotary_tables(dim: int, pos: torch.Tensor, theta: float = 10000.0, use_real: bool = False,
+                        linear_factor: float = 1.0, ntk_factor: float = 1.0, repeat_interleave_real: bool = True,
+                        freqs_dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+  """diffusers' `get_1d_rotary_pos_embed` as FLUX calls it, with cos/sin kept in float64."""
+  assert use_real and repeat_interleave_real and linear_factor == 1 and ntk_factor == 1, "not a FLUX call"
+  freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+  angles = torch.outer(pos.double(), freqs)
+  return angles.cos().repeat_interleave(2, dim=1), angles.sin().repeat_interleave(2, dim=1)
+
+
+def exact_apply_rotary_emb(x: torch.Tensor, freqs_cis, use_real: bool = True, use_real_unbind_dim: int = -1,
+                           sequence_dim: int = 2) -> torch.Tensor:
+  """diffusers' `apply_rotary_emb` as FLUX calls it (interleaved pairs), in float64, returned in x's dtype."""
+  assert use_real and use_real_unbind_dim == -1, "not a FLUX call"
+  cos, sin = (f.double().reshape((1, -1, 1, f.shape[-1]) if sequence_dim == 1 else (1, 1, -1, f.shape[-1]))
+              for f in freqs_cis)
+  x64 = x.double()
+  x_real, x_imag = x64.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+  x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
+  return (x64 * cos + x_rotated * sin).to(x.dtype)
+
+
+@contextlib.contextmanager
+def exact_sinusoids():
+  """Within it, diffusers' FLUX transformers compute their sinusoids exactly (see the module docstring)."""
+  patches = [(diffusers_embeddings, "get_timestep_embedding", exact_timestep_embedding)]
+  for module in (transformer_flux, transformer_flux2):
+    patches += [(module, "get_1d_rotary_pos_embed", exact_rotary_tables),
+                (module, "apply_rotary_emb", exact_apply_rotary_emb)]
+  shipped = [(module, name, getattr(module, name)) for module, name, _ in patches]
+  try:
+    for module, name, fn in patches:
+      setattr(module, name, fn)
+    yield
+  finally:
+    for module, name, fn in shipped:
+      setattr(module, name, fn)
+
+
 @torch.no_grad()
-def torch_forward(model, x: dict[str, np.ndarray]) -> np.ndarray:
-  t = lambda a: torch.from_numpy(np.asarray(a))
+def torch_forward(model, x: dict[str, np.ndarray], *, as_shipped: bool = False) -> np.ndarray:
+  """diffusers' forward on numpy inputs (in the model's dtype); exact sinusoids unless `as_shipped`."""
+  dtype = next(model.parameters()).dtype
+  t = lambda a: torch.from_numpy(np.asarray(a)).to(dtype)
   kw = dict(hidden_states=t(x["img"]), encoder_hidden_states=t(x["txt"]), timestep=t(x["timesteps"]),
             img_ids=t(x["img_ids"]), txt_ids=t(x["txt_ids"]), return_dict=False)
   if "guidance" in x:
     kw["guidance"] = t(x["guidance"])
   if "y" in x:
     kw["pooled_projections"] = t(x["y"])
-  return model(**kw)[0].numpy()
+  with contextlib.nullcontext() if as_shipped else exact_sinusoids():
+    return model(**kw)[0].numpy()
 
 
 def rel_err(a, b) -> float:

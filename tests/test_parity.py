@@ -1,16 +1,26 @@
-"""The JAX MMDiT equals diffusers' FluxTransformer2DModel / Flux2Transformer2DModel on tiny random fp32 models."""
+"""The JAX MMDiT equals diffusers' FluxTransformer2DModel / Flux2Transformer2DModel on tiny random models.
+
+The reference is diffusers with its float32-only sinusoids evaluated exactly (`reference.exact_sinusoids`), so the
+bounds measure this port, not the machine's float32 `exp`. The last test documents diffusers as shipped.
+"""
 
 from __future__ import annotations
 
-import math
+import copy
+import functools
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from diffusers.models import embeddings as diffusers_embeddings
+from flax import nnx
 
 import reference as ref
 from conftest import TINY, as_jax, inputs, jax_model, jitted, torch_model
+from sparse_context_jax import MMDiT
+from sparse_context_jax.convert import load_state_dict
+
+GUIDED = [n for n in sorted(TINY) if TINY[n][0].get("guidance", n.startswith("flux1"))]
 
 
 def test_parity_with_diffusers(tiny_name):
@@ -34,25 +44,39 @@ def test_parity_eager_with_batched_ids():
   assert ref.rel_err(jax_model(name)(**as_jax(x3)), expected) <= 1e-5
 
 
-@pytest.mark.parametrize("name", [n for n in sorted(TINY) if TINY[n][0].get("guidance", n.startswith("flux1"))])
-def test_guidance_residual_is_the_references_float32_frequencies(name, monkeypatch):
-  """With guidance (x1000, up to 5000 rad), most of the remaining difference is diffusers' float32 `exp` of the
-  sinusoid frequencies (one ulp off on a few of them). Given correctly rounded frequencies, diffusers agrees with
-  this port to 5e-7."""
-  def correctly_rounded(timesteps, embedding_dim, flip_sin_to_cos=False, downscale_freq_shift=1, scale=1,
-                        max_period=10000):
-    half = embedding_dim // 2
-    exponent = -math.log(max_period) * np.arange(half, dtype=np.float32) / (half - downscale_freq_shift)
-    freqs = torch.from_numpy(np.exp(exponent.astype(np.float32).astype(np.float64)).astype(np.float32))
-    args = timesteps[:, None].float() * freqs[None, :] * scale
-    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
-    return torch.cat([emb[:, half:], emb[:, :half]], dim=-1) if flip_sin_to_cos else emb
+@functools.lru_cache(maxsize=None)
+def _torch_model_float64(name: str):
+  return copy.deepcopy(torch_model(name)).double()
 
+
+def test_parity_in_float64(tiny_name):
+  """jax x64 with float64 weights and compute against diffusers in float64: equal to ~1e-13, which pins every
+  operation of the port (a wrong eps, a missing term or a reordering the float32 bound would hide shows here)."""
+  tm = _torch_model_float64(tiny_name)
+  x = {k: v.astype(np.float64) for k, v in inputs(tiny_name).items()}
+  expected = ref.torch_forward(tm, x)
+  with jax.enable_x64(True):
+    model = load_state_dict(MMDiT(ref.config_of(tm), rngs=nnx.Rngs(0), dtype=jnp.float64, param_dtype=jnp.float64),
+                            ref.state_dict(tm))
+    graphdef, state = nnx.split(model)
+    out = jax.jit(lambda s, x: nnx.merge(graphdef, s)(**x))(state, as_jax(x))
+    assert out.dtype == jnp.float64
+    got = np.asarray(out)
+  err = ref.rel_err(got, expected)
+  print(f"{tiny_name}: float64 relative error {err:.2e}")
+  assert err <= 1e-11
+
+
+@pytest.mark.parametrize("name", GUIDED)
+def test_diffusers_as_shipped_differs_by_its_float32_sinusoids(name):
+  """diffusers as shipped computes the guidance sinusoids (up to ~5000 rad) in float32: float32 exponent, product
+  and `exp` (whose last bit differs between CPUs) put its embedding up to 4e-4 off the exact one, and these tiny
+  models' outputs 1e-5 to 4e-5 off this port, depending on the machine. 1e-4 bounds that; the exact reference
+  removes nearly all of it."""
   x = inputs(name)
   got = jitted(name)(x)
-  plain = ref.rel_err(got, ref.torch_forward(torch_model(name), x))
-  monkeypatch.setattr(diffusers_embeddings, "get_timestep_embedding", correctly_rounded)
+  shipped = ref.rel_err(got, ref.torch_forward(torch_model(name), x, as_shipped=True))
   exact = ref.rel_err(got, ref.torch_forward(torch_model(name), x))
-  print(f"{name}: relative error {plain:.2e} as shipped, {exact:.2e} with correctly rounded frequencies")
-  assert exact <= 1e-6
-  assert exact < plain
+  print(f"{name}: relative error {shipped:.2e} against diffusers as shipped, {exact:.2e} against the exact reference")
+  assert shipped <= 1e-4
+  assert exact * 4 < shipped

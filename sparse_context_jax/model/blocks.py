@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from sparse_context_jax.model.config import MMDiTConfig
@@ -17,11 +18,18 @@ from sparse_context_jax.model.rope import apply_rope
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_len: jax.Array | None, impl: str | None) -> jax.Array:
-  """Softmax attention, (B, S, H, Dh) each -> (B, S, H, Dh); logits and softmax in float32.
+  """Softmax attention, (B, S, H, Dh) each -> (B, S, H, Dh); logits and softmax in (at least) float32.
 
   q and k arrive in float32 (after their RMSNorm). cuDNN's fused kernel takes one 16-bit dtype for q, k and v (it
   still accumulates logits and softmax in float32), so with impl "cudnn" q and k are cast to v's dtype.
+  `jax.nn.dot_product_attention` runs its softmax in float32 whatever the inputs, so float64 (the exact-arithmetic
+  parity check) takes a plain masked softmax instead.
   """
+  if q.dtype == jnp.float64:
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    if kv_len is not None:
+      logits = jnp.where(jnp.arange(k.shape[1]) < kv_len[:, None, None, None], logits, -jnp.inf)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
   if impl == "cudnn":
     q, k = q.astype(v.dtype), k.astype(v.dtype)
   return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_len, implementation=impl)

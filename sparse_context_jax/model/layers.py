@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sparse_context_jax.model.numerics import at_least_float32, sinusoid_angles
+
 Shape = tuple[int, ...]
 
 
@@ -53,11 +55,11 @@ class Linear(nnx.Module):
 
 
 def layer_norm(x: jax.Array, eps: float) -> jax.Array:
-  """LayerNorm without affine parameters; statistics in float32, result in x.dtype."""
-  x32 = x.astype(jnp.float32)
-  mean = jnp.mean(x32, axis=-1, keepdims=True)
-  var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-  return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+  """LayerNorm without affine parameters; statistics in (at least) float32, result in x.dtype."""
+  xw = at_least_float32(x)
+  mean = jnp.mean(xw, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(xw - mean), axis=-1, keepdims=True)
+  return ((xw - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -68,23 +70,22 @@ class RMSNorm(nnx.Module):
     self.eps = eps
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    """Returns float32: the caller applies RoPE in float32 and then casts."""
-    x32 = x.astype(jnp.float32)
-    rrms = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-    return x32 * rrms * self.scale[...].astype(jnp.float32)
+    """Returns (at least) float32: the caller applies RoPE in that precision and then casts."""
+    xw = at_least_float32(x)
+    rrms = jax.lax.rsqrt(jnp.mean(jnp.square(xw), axis=-1, keepdims=True) + self.eps)
+    return xw * rrms * self.scale[...].astype(xw.dtype)
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
-  """Sinusoidal embedding (B,) -> (B, dim), [cos | sin], in float32. `t` is already scaled (x1000).
+  """Sinusoidal embedding (B,) -> (B, dim), [cos | sin] of `t * max_period ** (-j / (dim / 2))`, in float32.
 
-  The references compute `exp(float32 exponent)` in float32; with arguments up to ~5000 rad (guidance x 1000) one
-  ulp of a frequency moves the angle by 3e-4 rad, so the frequencies are host constants rounded correctly from
-  float64 rather than XLA's float32 exp (off by one ulp on 15 of 128 values, torch's on 3).
+  `t` is already scaled (x1000). The references evaluate this in float32 (exponent, `exp`, product, `sin`/`cos`),
+  which puts the angles of a guidance embedding (up to ~5000 rad) off by up to 4e-4 rad, by amounts that depend on
+  the machine's `exp`; here the angles are exact (`numerics.sinusoid_angles`), so this is the exact function of `t`.
   """
   half = dim // 2
-  exponent = (-math.log(max_period) * np.arange(half, dtype=np.float32) / half).astype(np.float32)
-  freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)
-  args = t.astype(jnp.float32)[:, None] * freqs[None, :]
+  turns = max_period ** (-np.arange(half, dtype=np.float64) / half) / (2 * np.pi)
+  args = sinusoid_angles(t[:, None], turns)
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 

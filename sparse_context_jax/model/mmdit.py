@@ -15,6 +15,7 @@ from flax import nnx
 from sparse_context_jax.model.blocks import DoubleBlock, SingleBlock
 from sparse_context_jax.model.config import MMDiTConfig
 from sparse_context_jax.model.layers import Linear, MLPEmbedder, Modulation, modulate, timestep_embedding
+from sparse_context_jax.model.numerics import at_least_float32
 from sparse_context_jax.model.rope import rope_angles
 
 REMAT_POLICIES: dict[str, Callable | None] = {
@@ -57,7 +58,7 @@ class MMDiT(nnx.Module):
     config: the architecture.
     rngs: initialisation keys.
     dtype: compute dtype of the matmuls and the residual stream (bfloat16 on accelerators). Norm statistics,
-      RoPE, the timestep embedding and the softmax always run in float32.
+      RoPE, the timestep embedding and the softmax always run in float32 (float64 when the compute dtype is).
     param_dtype: storage dtype of the parameters.
     scan_layers: run each block stack with `jax.lax.scan` (one compiled block) or unrolled.
     remat: "none", "full", "dots" or "dots_no_batch": `jax.checkpoint` policy around each block.
@@ -95,7 +96,7 @@ class MMDiT(nnx.Module):
     Args:
       img: (B, L, in_channels) target tokens, then reference tokens, then padding.
       txt: (B, T, context_dim) text features.
-      timesteps: (B,) sigma in [0, 1] (multiplied by 1000 here, in float32).
+      timesteps: (B,) sigma in [0, 1] (multiplied by 1000 here, in float32 as the references do).
       img_ids: (B, L, n_axes) or (L, n_axes) position ids; txt_ids: (B, T, n_axes) or (T, n_axes).
       y: (B, pooled_dim) pooled text vector (FLUX.1).
       guidance: (B,) guidance scale, for models with a guidance embedder.
@@ -115,9 +116,9 @@ class MMDiT(nnx.Module):
       img_ids = jnp.where(valid, img_ids, 0)
       kv_len = (T + img_lengths).astype(jnp.int32)
 
-    vec = self.time_in(timestep_embedding(timesteps.astype(jnp.float32) * 1000, cfg.time_channels))
+    vec = self.time_in(timestep_embedding(at_least_float32(timesteps) * 1000, cfg.time_channels))
     if self.guidance_in is not None:
-      vec = vec + self.guidance_in(timestep_embedding(guidance.astype(jnp.float32) * 1000, cfg.time_channels))
+      vec = vec + self.guidance_in(timestep_embedding(at_least_float32(guidance) * 1000, cfg.time_channels))
     if self.vector_in is not None:
       vec = vec + self.vector_in(y)
 
