@@ -24,9 +24,13 @@ from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from sparse_context_jax.generate import Generator, Job  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
+
+from sparse_context_jax.encoders.vae import VAEImageEncoder  # noqa: E402
+from sparse_context_jax.generate import Generator, Pipeline, make_job  # noqa: E402
 from sparse_context_jax.model import MMDiT, preset  # noqa: E402
 from sparse_context_jax.model.vae import VAE_PRESETS, VAEConfig, AutoencoderKL  # noqa: E402
+from sparse_context_jax.sparse import SparseRequest  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -56,30 +60,31 @@ def main(argv=None) -> int:
       use_quant_conv=True, use_post_quant_conv=True, scaling_factor=1.0, shift_factor=0.0)
   dtype = jnp.dtype(args.dtype)
   model = MMDiT(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype, attention_impl=args.attention)
-  gen = Generator(model, AutoencoderKL(vae_cfg, rngs=nnx.Rngs(1), dtype=dtype, param_dtype=dtype),
-                  batch_size=args.batch)
+  vae = AutoencoderKL(vae_cfg, rngs=nnx.Rngs(1), dtype=dtype, param_dtype=dtype)
+  pipeline = Pipeline(model, VAEImageEncoder(vae), mesh=Mesh(np.array(jax.devices()), ("data",)))
+  gen = Generator(pipeline, batch_size=args.batch)
   rng = np.random.default_rng(0)
   print(f"model {args.preset}: hidden {cfg.hidden_size}, {cfg.depth_double}+{cfg.depth_single} blocks; "
         f"{'the FLUX.2' if args.vae == 'flux2' else 'a small'} VAE; {args.size}x{args.size}, {args.steps} steps, "
         f"batch {args.batch}, {args.txt} text tokens, {args.dtype} on "
-        f"{jax.devices()[0].device_kind}, {gen.devices} device(s)")
+        f"{jax.devices()[0].device_kind}, {pipeline.devices} device(s)")
   print(f"{'refs':>4} {'keep':>5} {'seq':>5} {'images/s':>9} {'s/image':>8} {'speedup':>8}")
   base = {}
   for n_refs in args.refs:
     for keep in args.keeps:
       def job(i):
-        return Job(line=i, output=None, txt=rng.standard_normal((args.txt, cfg.context_dim)).astype(np.float32), y=None,
-                   neg_txt=None, neg_y=None, references=[rng.uniform(-1, 1, (args.size, args.size, 3)).astype(
-                       np.float32) for _ in range(n_refs)], masks=[None] * n_refs, strategy="grid",
-                   hybrid_base="edge", keep=keep, tau=None, size=(args.size, args.size), steps=args.steps,
-                   guidance=None, cfg=None, seed=i)
+        embeddings = {"txt": rng.standard_normal((args.txt, cfg.context_dim)).astype(np.float32)}
+        references = [rng.uniform(-1, 1, (args.size, args.size, 3)).astype(np.float32) for _ in range(n_refs)]
+        return make_job(cfg, line=i, output=None, embeddings=embeddings, references=references,
+                        masks=[None] * n_refs, request=SparseRequest("grid", keep=keep),
+                        size=(args.size, args.size), steps=args.steps, seed=i)
       jobs = [job(i) for i in range(args.batch + args.images)]
       gen.run_batch([gen.prepare(j) for j in jobs[:args.batch]])     # compile and warm up
       t0 = time.perf_counter()   # timed: reference encoding and packing, sampling, decoding
       for i in range(args.batch, len(jobs), args.batch):
         gen.run_batch([gen.prepare(j) for j in jobs[i:i + args.batch]])
       per_image = (time.perf_counter() - t0) / args.images
-      seq = len(gen.prepare(jobs[0]).img)
+      seq = gen.prepare(jobs[0]).sequence
       base.setdefault(n_refs, per_image)
       print(f"{n_refs:>4} {keep:>5g} {seq:>5} {1 / per_image:>9.3f} {per_image:>8.3f} "
             f"{base[n_refs] / per_image:>7.2f}x", flush=True)

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from sparse_context_jax.model import MMDiT, preset  # noqa: E402
 from sparse_context_jax.model.jitted import JittedMMDiT  # noqa: E402
-from sparse_context_jax.model.positions import text_ids  # noqa: E402
+from sparse_context_jax.model.positions import TOKEN_PIXELS, text_ids  # noqa: E402
 from sparse_context_jax.sparse import Reference, SparsePacker, SparseRequest, dense_inputs  # noqa: E402
 from sparse_context_jax.sparse.compare import interleaved_medians  # noqa: E402
 from plots import speedup_plot  # noqa: E402  (launch/, this script's folder)
@@ -74,7 +74,7 @@ def run(args) -> list[dict]:
   cfg, model = build(args)
   dtype = jnp.dtype(args.dtype)
   rng = np.random.default_rng(0)
-  side, B = args.size // 16, args.batch
+  side, B = args.size // TOKEN_PIXELS, args.batch
   n = side * side
   latents = lambda m: jnp.asarray(rng.standard_normal((B, m, cfg.in_channels)), dtype)
   common = dict(txt=jnp.asarray(rng.standard_normal((B, args.txt, cfg.context_dim)), dtype),

@@ -35,12 +35,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from sparse_context_jax.model.jitted import flops  # noqa: E402
 from sparse_context_jax.parallel import batch_sharding, make_mesh  # noqa: E402
-from sparse_context_jax.sparse.buckets import BucketLadder  # noqa: E402
-from sparse_context_jax.sparse.pack import SparsePacker  # noqa: E402
-from sparse_context_jax.sparse.select import fixed_budget  # noqa: E402
-from sparse_context_jax.train import config as C  # noqa: E402
-from sparse_context_jax.train.objective import keep_ratio  # noqa: E402
-from sparse_context_jax.train.standin import HashedText, host_batch  # noqa: E402
+from sparse_context_jax.train import config as run_config  # noqa: E402
+from sparse_context_jax.train.batches import pixel_batch, run_encoders  # noqa: E402
+from sparse_context_jax.train.objective import step_rung  # noqa: E402
 from sparse_context_jax.train.state import init_state, setup  # noqa: E402
 from sparse_context_jax.train.step import compile_step  # noqa: E402
 from plots import speedup_plot  # noqa: E402  (launch/, this script's folder)
@@ -77,7 +74,7 @@ def load_config(name: str, overrides: list[str], keep: float):
   spec = name if name.endswith(".py") or ".py:" in name else os.path.join(ROOT, "configs", f"{name}.py")
   rung = [f"objective.keep_low={keep}", f"objective.keep_high={keep}", "objective.dense_prob=0.0",
           "log.progress=False"]
-  return C.apply_overrides(C.load(spec), list(overrides) + rung)
+  return run_config.apply_overrides(run_config.load(spec), list(overrides) + rung)
 
 
 def world_batch(config, workdir: str) -> dict:
@@ -99,22 +96,21 @@ def random_batch(config) -> dict:
 
 
 def fixed_batch(config, cfg, mesh, workdir: str, synthetic: bool) -> tuple[dict, tuple[int, int]]:
-  """The benchmark's one batch, on the mesh."""
+  """The benchmark's one batch, on the mesh, and its token grid."""
   raw = random_batch(config) if synthetic else world_batch(config, workdir)
-  local = host_batch(raw, cfg, HashedText(config.data.txt_len, cfg.context_dim, cfg.pooled_dim))
-  batch = {k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in local.items()}
-  return batch, (raw["target"].shape[1] // 16, raw["target"].shape[2] // 16)
+  local, grid = pixel_batch(raw, cfg, *run_encoders(config, cfg))
+  return {k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in local.items()}, grid
 
 
 def bench_config(name: str, args) -> list[dict]:
   """Rows of one config: compile every rung's step, then time them interleaved."""
   configs = {keep: load_config(name, args.overrides, keep) for keep in args.keeps}
   config = configs[1.0]
-  C.validate(config, jax.device_count())
-  cfg = C.model_config(config)
+  run_config.validate(config, jax.device_count())
+  cfg = run_config.model_config(config)
   mesh = make_mesh(config.mesh, jax.devices())
-  s = setup(config, cfg, mesh)
-  state = init_state(config, cfg, s)
+  static = setup(config, cfg, mesh)
+  state = init_state(config, cfg, static)
   with tempfile.TemporaryDirectory() as tmp:
     batch, grid = fixed_batch(config, cfg, mesh, tmp, args.synthetic)
   B, T = batch["txt"].shape[:2]
@@ -125,17 +121,16 @@ def bench_config(name: str, args) -> list[dict]:
         f"tokens, {R} reference slots of {M} tokens", flush=True)
   # XLA counts a scanned block stack's body once: FLOPs come from lowering (no compile) the unscanned step. Only
   # the model graph differs (scan_layers): each rung's config serves both steps.
-  s_unrolled = setup(load_config(name, args.overrides + ["model.scan_layers=False"], 1.0), cfg, mesh)
+  unrolled = setup(load_config(name, args.overrides + ["model.scan_layers=False"], 1.0), cfg, mesh)
   programs = {}
   for keep, c in configs.items():
-    ratio = keep_ratio(c.objective, c.seed, 0)   # the rung the loop would draw: keep snapped up to the ladder
-    packer = SparsePacker(cfg, BucketLadder(tuple(c.objective.ladder)), max_refs=c.data.max_refs)
+    rung = step_rung(c.objective, c.seed, 0, grid, R)   # the rung the loop would draw: keep snapped up to the ladder
     tic = time.perf_counter()
-    compiled = compile_step(s, packer, c, ratio, grid, batch).lower(state, batch).compile()
+    compiled = compile_step(static, c, rung, batch).lower(state, batch).compile()
     compile_s = time.perf_counter() - tic
-    lowered = compile_step(s_unrolled, packer, c, ratio, grid, batch).lower(s_unrolled.abstract, batch)
-    programs[keep] = dict(ratio=ratio, program=compiled, compile_s=compile_s, flops=flops(lowered),
-                          seq=T + grid[0] * grid[1] + R * fixed_budget(ratio, M))
+    lowered = compile_step(unrolled, c, rung, batch).lower(unrolled.abstract, batch)
+    programs[keep] = dict(ratio=rung.ratio, program=compiled, compile_s=compile_s, flops=flops(lowered),
+                          seq=T + rung.length(grid[0] * grid[1]))
   times, losses = {keep: [] for keep in programs}, {}
   for round_ in range(args.warmup + args.rounds):
     for keep, p in programs.items():
@@ -181,7 +176,7 @@ def main(argv=None) -> int:
   for name in args.configs:
     try:
       new = bench_config(name, args)
-    except C.ConfigError as e:
+    except run_config.ConfigError as e:
       print(f"error: {e}", file=sys.stderr)
       return 2
     print(HEADER)

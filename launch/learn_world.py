@@ -33,11 +33,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from sparse_context_jax.data.manifest import TASKS  # noqa: E402
 from sparse_context_jax.data.world import psnr  # noqa: E402
 from sparse_context_jax.parallel import make_mesh  # noqa: E402
-from sparse_context_jax.train import config as C  # noqa: E402
-from sparse_context_jax.train import evaluate as E  # noqa: E402
+from sparse_context_jax.encoders import PixelTokens, unit_range  # noqa: E402
+from sparse_context_jax.train import config as run_config  # noqa: E402
+from sparse_context_jax.train import evaluate  # noqa: E402
 from sparse_context_jax.train.loop import dataset_path, train  # noqa: E402
 from sparse_context_jax.train.metrics import read_metrics  # noqa: E402
-from sparse_context_jax.train.standin import pixel_tokens, pixels_from_tokens  # noqa: E402
 from sparse_context_jax.train.state import init_state, setup  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,7 +81,8 @@ def loss_table(workdir: str, every: int) -> list[dict]:
 def reference_points(heldout: list[dict], train_batches: list[dict], channels: int) -> dict:
   """Held-out PSNR ({"all", task: dB}) of copying the first reference and of the mean training target, in pixels
   at the tokens' resolution (as `evaluate.psnr_scores`)."""
-  px = lambda images: pixels_from_tokens(pixel_tokens(images, channels), *images.shape[-3:-1])
+  tokens = PixelTokens(channels)
+  px = lambda images: tokens.decode(tokens.encode(unit_range(images)), images.shape[-3:-1])
   mean = np.mean(np.concatenate([px(b["target"])[b["valid"]] for b in train_batches]), axis=0)
   scores = {"copy first reference": {}, "mean training target": {}}
   for b in heldout:
@@ -89,7 +90,7 @@ def reference_points(heldout: list[dict], train_batches: list[dict], channels: i
     for i in np.flatnonzero(b["valid"]):
       for name, guess in (("copy first reference", first[i]), ("mean training target", mean)):
         for group in ("all", TASKS[int(b["task"][i])]):
-          scores[name].setdefault(group, []).append(psnr(guess, truth[i]))
+          scores[name].setdefault(group, []).append(psnr(guess, truth[i], peak=2.0))
   return {name: {g: float(np.mean(v)) for g, v in groups.items()} for name, groups in scores.items()}
 
 
@@ -117,36 +118,37 @@ def plot(workdir: str, table: list[dict], title: str) -> str:
 def main(argv=None) -> int:
   args = parse_args(argv)
   try:
-    config = C.apply_overrides(C.load(args.config), args.overrides)
-    C.validate(config, jax.device_count())
-  except C.ConfigError as e:
+    config = run_config.apply_overrides(run_config.load(args.config), args.overrides)
+    run_config.validate(config, jax.device_count())
+  except run_config.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   if os.path.exists(os.path.join(args.workdir, "metrics.jsonl")):
     print(f"error: {args.workdir!r} already holds a run (metrics.jsonl); give a fresh --workdir", file=sys.stderr)
     return 2
-  cfg = C.model_config(config)
-  s = setup(config, cfg, make_mesh(config.mesh, jax.devices()))
+  cfg = run_config.model_config(config)
+  static = setup(config, cfg, make_mesh(config.mesh, jax.devices()))
   n = args.eval_examples
-  heldout = E.fixed_batches(E.write_world(config, os.path.join(args.workdir, "heldout"),
-                                          seed=config.data.world.seed + 1, count=n), config, n)
-  seen = E.fixed_batches(dataset_path(config, args.workdir), config, n)
+  heldout = evaluate.fixed_batches(evaluate.write_world(config, os.path.join(args.workdir, "heldout"),
+                                                        seed=config.data.world.seed + 1, count=n), config, n)
+  seen = evaluate.fixed_batches(dataset_path(config, args.workdir), config, n)
   sets = {"held-out": heldout, "train": seen}
   keeps = {"dense": 1.0, f"keep {args.keep:g}": args.keep}
 
-  def evaluate(params) -> dict:
-    return {f"{name} {label}": E.psnr_scores(params, batches, config, s.graphdef, keep=keep, steps=args.sample_steps)
+  def scores(params) -> dict:
+    return {f"{name} {label}": evaluate.psnr_scores(params, batches, config, static.graphdef, keep=keep,
+                                                    steps=args.sample_steps)
             for name, batches in sets.items() for label, keep in keeps.items()}
 
   print(f"{args.config}: hidden {cfg.hidden_size}, {cfg.depth_double}+{cfg.depth_single} blocks, world of "
         f"{config.data.world.count} examples {tuple(config.data.world.size)}, batch {config.train.batch_size}, "
         f"lr {config.train.lr:g} ({config.train.schedule}), {config.train.steps} steps; evaluating {n} held-out and "
         f"{n} training examples with {args.sample_steps} Euler steps", flush=True)
-  before = evaluate(init_state(config, cfg, s)["params"])
+  before = scores(init_state(config, cfg, static)["params"])
   tic = time.perf_counter()
   state = train(config, args.workdir)
   train_s = time.perf_counter() - tic
-  after = evaluate(state["params"])
+  after = scores(state["params"])
   every = args.every or max(1, config.train.steps // 10)
   table = loss_table(args.workdir, every)
   compiles = [m for m in read_metrics(args.workdir) if m.get("event") == "compile"]

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sparse_context_jax.data.buckets import aspect_buckets, crop_box, nearest_bucket, resize_crop
-from sparse_context_jax.data.images import ImageError, canonical_image, canonical_mask, load_image, load_mask
+from sparse_context_jax.data.buckets import aspect_buckets, nearest_bucket
+from sparse_context_jax.images import crop_box, resize_crop
+from sparse_context_jax.images import ImageError, canonical_image, canonical_mask, load_image, load_mask
 
 RNG = np.random.default_rng(0)
 H, W = 17, 23   # odd sizes on purpose

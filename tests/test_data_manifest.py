@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sparse_context_jax.data import BadManifest, build_from_manifest, load_image, open_dataset
+from sparse_context_jax.data import BadManifest, build_from_manifest, open_dataset
+from sparse_context_jax.images import load_image
 
 RNG = np.random.default_rng(1)
 

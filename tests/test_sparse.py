@@ -9,8 +9,8 @@ import pytest
 import reference as ref
 from conftest import jax_model, torch_model
 from sparse_context_jax.model.jitted import JittedMMDiT
-from sparse_context_jax.sparse import (BucketLadder, Reference, SparsePacker, SparseRequest, compare_dense_sparse,
-                                       dense_inputs)
+from sparse_context_jax.sparse import (BucketLadder, Reference, Rung, SparsePacker, SparseRequest,
+                                       compare_dense_sparse, dense_inputs, pack_references, with_target)
 
 FAMILIES = {"flux1": ("flux1-kontext", [(48, 80)]), "flux2": ("flux2-klein-2ref", [(32, 48), (48, 32), (64, 64)])}
 
@@ -189,20 +189,21 @@ def test_flux1_takes_one_reference():
     SparsePacker(cfg)(target, size, refs * 2, SparseRequest(keep=0.5))
 
 
-def test_pack_traced_takes_given_scores():
-  """Scores given to the jittable core replace the strategy's: the best-scored tokens of each reference are kept."""
+def test_pack_references_takes_given_scores():
+  """The pure gather keeps the best-scored tokens of each reference, whoever made the scores."""
   _, cfg, size, target, refs, _ = _setup("flux2", batch=2)
-  packer, budgets = SparsePacker(cfg), np.array([[2, 3, 1], [4, 1, 2]], np.int32)
-  latents = [{"latents": jnp.asarray(r.latents)} for r in refs]
+  budgets = np.array([[2, 3, 1], [4, 1, 2]], np.int32)
+  latents = [jnp.asarray(r.latents) for r in refs]
+  rung = BucketLadder().at(1.0, [r.grid for r in refs])
+  rung = Rung(rung.ratio, rung.grids, (4, 4, 4))
   # Reference i prefers its last tokens for example 0 and its first ones for example 1.
   scores = [jnp.asarray(np.stack([np.arange(r.tokens), -np.arange(r.tokens)]), jnp.float32) for r in refs]
-  img, _, lengths = packer.pack_traced(jnp.asarray(target), latents, jnp.asarray(budgets), None, target_grid=(4, 4),
-                                       capacities=(4, 4, 4), grids=tuple(r.grid for r in refs), scores=scores)
+  tokens, ids, valid = pack_references(cfg, latents, scores, jnp.asarray(budgets), rung)
+  img, _, lengths = with_target(cfg, jnp.asarray(target), (4, 4), tokens, ids, valid)
   n = target.shape[1]
   for b in range(2):
     kept = [r.latents[b, r.tokens - k:] if b == 0 else r.latents[b, :k] for r, k in zip(refs, budgets[b])]
     assert int(lengths[b]) == n + budgets[b].sum()
     assert np.array_equal(np.asarray(img[b, n:int(lengths[b])]), np.concatenate(kept))
   with pytest.raises(ValueError, match="2 score arrays given for 3 references"):
-    packer.pack_traced(jnp.asarray(target), latents, jnp.asarray(budgets), None, target_grid=(4, 4),
-                       capacities=(4, 4, 4), grids=tuple(r.grid for r in refs), scores=scores[:2])
+    pack_references(cfg, latents, scores[:2], jnp.asarray(budgets), rung)

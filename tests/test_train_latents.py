@@ -4,26 +4,25 @@ bitwise), and latent folders that do not fit the model refused in one line befor
 
 from __future__ import annotations
 
-import json
 import os
 
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
 from conftest import resumed_equals_straight
 from sparse_context_jax import cli, load_vae
+from sparse_context_jax.convert import save
 from sparse_context_jax.data import world, write_dataset
 from sparse_context_jax.data.latent_pipeline import make_latent_pipeline
 from sparse_context_jax.data.precompute import load_encoders, precompute
 from sparse_context_jax.model.vae import AutoencoderKL, VAEConfig, encode_tokens
 from sparse_context_jax.train import config as C
-from sparse_context_jax.train.latents import latent_batch
-from sparse_context_jax.train.standin import HashedText
+from sparse_context_jax.encoders import HashedText
+from sparse_context_jax.train.batches import latent_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
@@ -43,13 +42,7 @@ def _write_converted_vae(path) -> None:
   vae = AutoencoderKL(VAE, rngs=nnx.Rngs(3))
   vae.bn_mean[...] = 0.1 * jnp.arange(16, dtype=jnp.float32)
   vae.bn_var[...] = 0.5 + 0.05 * jnp.arange(16, dtype=jnp.float32)
-  os.makedirs(path)
-  with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump({"kind": "vae", **VAE.to_dict()}, f)
-  params = {".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(vae))}
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.abspath(os.path.join(path, "params")), params)
-  checkpointer.wait_until_finished()
+  save(vae, path)
 
 
 class _TwoSizes:
@@ -93,7 +86,7 @@ def test_latent_tokens_are_the_vaes_tokens_of_the_images(folders):
   """precompute (vae:PATH) + latent_batch give exactly encode_tokens of the images and the hashed captions."""
   vae_path, folder = folders
   raw = next(iter(make_latent_pipeline(folder, batch_size=4, seed=0, max_refs=2)))
-  batch = latent_batch(raw, C.model_config(tiny(folder)))
+  batch, _ = latent_batch(raw, C.model_config(tiny(folder)))
   graph, state = nnx.split(load_vae(vae_path))
   tokens = jax.jit(lambda state, images: encode_tokens(nnx.merge(graph, state), images))
   for b, index in enumerate(raw["index"]):
@@ -105,7 +98,7 @@ def test_latent_tokens_are_the_vaes_tokens_of_the_images(folders):
     n = len(ex.references)
     np.testing.assert_allclose(batch["refs"][b, :n], want[1:1 + n], atol=1e-5)
     assert raw["ref_valid"][b].tolist() == [True] * n + [False] * (2 - n) and not batch["refs"][b, n:].any()
-    txt, _ = HashedText(TEXT_LEN, TEXT_DIM)([ex.caption])
+    txt = HashedText(TEXT_LEN, TEXT_DIM)([ex.caption]).txt
     np.testing.assert_array_equal(batch["txt"][b], txt[0])
   assert batch["target"].shape == (4, 16, 16) and batch["weight"].tolist() == [1.0] * 4 and "y" not in batch
 

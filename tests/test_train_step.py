@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 
 from sparse_context_jax.parallel import make_mesh
-from sparse_context_jax.sparse.buckets import BucketLadder
-from sparse_context_jax.sparse.pack import SparsePacker
 from sparse_context_jax.train import config as C
+from sparse_context_jax.train.objective import ladder
 from sparse_context_jax.train.state import init_state, setup
 from sparse_context_jax.train.step import compile_step
 
@@ -29,7 +28,7 @@ def tiny(*overrides):
 
 
 def make_batch(cfg, batch: int = 8, refs: int = 2, txt_len: int = 8, seed: int = 0) -> dict:
-  """A model batch as `standin.host_batch` builds it: some absent references and one padding example."""
+  """A model batch as `batches.pixel_batch` builds it: some absent references and one padding example."""
   rng = np.random.default_rng(seed)
   n = GRID[0] * GRID[1]
   ref_valid = np.ones((batch, refs), bool)
@@ -51,9 +50,9 @@ class Run:
     cfg = C.model_config(config)
     self.s = setup(config, cfg, make_mesh(config.mesh, jax.devices()[:1]))
     self.state = init_state(config, cfg, self.s)
-    packer = SparsePacker(cfg, BucketLadder(tuple(config.objective.ladder)), max_refs=config.data.max_refs)
     self.batch = {k: jnp.asarray(v) for k, v in batch.items()}
-    self.step_fn = compile_step(self.s, packer, config, RATIO, GRID, self.batch)
+    rung = ladder(config.objective).at(RATIO, (GRID,) * batch["refs"].shape[1])
+    self.step_fn = compile_step(self.s, config, rung, self.batch)
 
   def step(self) -> dict:
     self.state, metrics = self.step_fn(self.state, self.batch)

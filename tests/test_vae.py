@@ -13,8 +13,8 @@ from diffusers import AutoencoderKLFlux2 as TorchKLFlux2
 from flax import nnx
 
 import reference as ref
-from sparse_context_jax.convert.vae_tables import (load_vae_state_dict, vae_params_from_state_dict,
-                                                   vae_state_dict_from_params, vae_table, vae_variables)
+from sparse_context_jax.convert import (load_state_dict, model_variables, params_from_state_dict, rules_for,
+                                        state_dict_from_params)
 from sparse_context_jax.model.vae import (VAE_PRESETS, AutoencoderKL, VAEConfig, count_vae_params, decode_tokens,
                                           encode_tokens)
 
@@ -49,7 +49,7 @@ def torch_vae(family: str):
 def jax_vae(family: str):
   tm = torch_vae(family)
   cfg = VAEConfig.from_diffusers({"_class_name": type(tm).__name__, **dict(tm.config)})
-  return load_vae_state_dict(AutoencoderKL(cfg, rngs=nnx.Rngs(0)), ref.state_dict(tm))
+  return load_state_dict(AutoencoderKL(cfg, rngs=nnx.Rngs(0)), ref.state_dict(tm))
 
 
 def _images(h=32, w=48, seed=0):
@@ -109,35 +109,34 @@ def test_tokens_equal_the_pipelines_and_round_trip(family):
 @pytest.mark.parametrize("family", ["flux1", "flux2"])
 def test_bfl_and_diffusers_layouts_convert_to_identical_parameters(family):
   tm, vae = torch_vae(family), jax_vae(family)
-  cfg, shapes, sd = vae.config, vae_variables(vae), ref.state_dict(tm)
-  params = vae_params_from_state_dict(cfg, sd, "diffusers", shapes)
-  bfl = vae_state_dict_from_params(cfg, params, "bfl")
+  cfg, shapes, sd = vae.config, model_variables(vae), ref.state_dict(tm)
+  params = params_from_state_dict(cfg, sd, "diffusers")
+  bfl = state_dict_from_params(cfg, params, "bfl")
   # spot checks of BFL names and shapes (flux_arch.md 4.3): reversed decoder levels, 1x1-conv attention
   levels = len(cfg.block_out_channels)
   assert np.array_equal(bfl[f"decoder.up.{levels - 1}.block.0.conv1.weight"],
                         sd["decoder.up_blocks.0.resnets.0.conv1.weight"])
   assert bfl["encoder.mid.attn_1.q.weight"].shape == sd["encoder.mid_block.attentions.0.to_q.weight"].shape + (1, 1)
   assert np.array_equal(bfl["encoder.norm_out.weight"], sd["encoder.conv_norm_out.weight"])
-  from_bfl = vae_params_from_state_dict(cfg, bfl, "bfl", shapes)
+  from_bfl = params_from_state_dict(cfg, bfl, "bfl")
   assert all(np.array_equal(from_bfl[k], params[k]) for k in params)
-  back = vae_state_dict_from_params(cfg, params, "diffusers")
+  back = state_dict_from_params(cfg, params, "diffusers")
   assert sorted(back) == sorted(set(sd) - {"bn.num_batches_tracked"})
   assert all(np.array_equal(back[k], sd[k]) for k in back)
-  assert len(vae_table(cfg, "bfl")) == len(vae_table(cfg, "diffusers")) == len(shapes)
+  assert len(rules_for(cfg, "bfl")) == len(rules_for(cfg, "diffusers")) == len(shapes)
 
 
 def test_strict_about_keys_and_shapes():
   from sparse_context_jax.convert import CheckpointError
   tm, vae = torch_vae("flux1"), jax_vae("flux1")
   sd = ref.state_dict(tm)
-  shapes = vae_variables(vae)
   del sd["decoder.conv_out.bias"]
-  with pytest.raises(CheckpointError, match=r"missing decoder\.conv_out\.bias"):
-    vae_params_from_state_dict(vae.config, sd, "diffusers", shapes)
+  with pytest.raises(CheckpointError, match=r"missing 1 tensor\(s\): decoder\.conv_out\.bias"):
+    params_from_state_dict(vae.config, sd, "diffusers")
   sd = ref.state_dict(tm)
   sd["encoder.conv_in.weight"] = sd["encoder.conv_in.weight"][:, :2]
   with pytest.raises(CheckpointError, match=r"encoder\.conv_in\.weight \(16, 2, 3, 3\)"):
-    vae_params_from_state_dict(vae.config, sd, "diffusers", shapes)
+    params_from_state_dict(vae.config, sd, "diffusers")
 
 
 def test_convert_command_takes_vaes_in_both_layouts(tmp_path):
@@ -158,7 +157,7 @@ def test_convert_command_takes_vaes_in_both_layouts(tmp_path):
   (folder / "config.json").write_text(json.dumps(config))
   cfg = convert_checkpoint(folder, tmp_path / "from_diffusers")
   assert cfg == vae.config
-  bfl = vae_state_dict_from_params(cfg, vae_params_from_state_dict(cfg, sd, "diffusers", vae_variables(vae)), "bfl")
+  bfl = state_dict_from_params(cfg, params_from_state_dict(cfg, sd, "diffusers"), "bfl")
   save_file(bfl, str(tmp_path / "ae.safetensors"))
   convert_checkpoint(tmp_path / "ae.safetensors", tmp_path / "from_bfl", config=str(folder / "config.json"))
   a, b = load_vae(tmp_path / "from_diffusers"), load_vae(tmp_path / "from_bfl")
@@ -173,7 +172,7 @@ def test_convert_command_takes_vaes_in_both_layouts(tmp_path):
     load_model(tmp_path / "from_bfl")
   del sd["decoder.conv_out.bias"]
   save_file(sd, str(tmp_path / "broken.safetensors"))
-  with pytest.raises(CheckpointError, match=r"missing decoder\.conv_out\.bias"):
+  with pytest.raises(CheckpointError, match=r"missing 1 tensor\(s\): decoder\.conv_out\.bias"):
     convert_checkpoint(tmp_path / "broken.safetensors", tmp_path / "broken", config=str(folder / "config.json"))
   assert not (tmp_path / "broken").exists()
 

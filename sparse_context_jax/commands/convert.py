@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sparse_context_jax.cli import UserError
 from sparse_context_jax.convert.output import OutputExistsError
-from sparse_context_jax.convert.state_dict import CheckpointError
+from sparse_context_jax.errors import CheckpointError
 from sparse_context_jax.convert.streaming import OUTPUT_DTYPES, convert_checkpoint
 from sparse_context_jax.model.vae import VAEConfig
 

@@ -1,9 +1,9 @@
-"""The main job until batch generation lands: the real presets abstractly, then a small FLUX.2-style model run
-dense and with sparse references, timed, with XLA's FLOP count of each compiled program.
+"""The main job: the real presets abstractly, a small FLUX.2-style model run dense and with sparse references
+(timed, with XLA's FLOP count of each compiled program), then batch generation through the `generate` path.
 
-The references are procedural images (discs and bars on a flat ground); their latents are random (the VAE lands
-with batch generation). Tokens are chosen per reference by `--strategy`, either at a fixed `--keep` ratio or with
-an adaptive budget `--tau`, padded to a bucket of the ladder and masked with `img_lengths`.
+In the timing part the references are procedural images (discs and bars on a flat ground) with random latents.
+Tokens are chosen per reference by `--strategy`, either at a fixed `--keep` ratio or with an adaptive budget
+`--tau`, padded to a bucket of the ladder and masked with `img_lengths`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from sparse_context_jax.cli import UserError
 from sparse_context_jax.commands.presets import table
 from sparse_context_jax.model import MMDiT, preset
 from sparse_context_jax.model.jitted import JittedMMDiT
-from sparse_context_jax.model.positions import text_ids
+from sparse_context_jax.model.positions import TOKEN_PIXELS, text_ids
 from sparse_context_jax.sparse import STRATEGIES, Reference, SparsePacker, SparseRequest, dense_inputs
 from sparse_context_jax.sparse.compare import interleaved_medians
 
@@ -49,8 +49,8 @@ def _check(args) -> None:
     problems.append(f"--hidden {args.hidden} (expected a positive multiple of 128: heads of 128)")
   if min(args.depth) < 0 or sum(args.depth) == 0:
     problems.append(f"--depth {args.depth} (expected non-negative counts, not both zero)")
-  if args.size <= 0 or args.size % 16:
-    problems.append(f"--size {args.size} (expected a positive multiple of 16)")
+  if args.size <= 0 or args.size % TOKEN_PIXELS:
+    problems.append(f"--size {args.size} (expected a positive multiple of {TOKEN_PIXELS})")
   if not 1 <= args.refs <= 4:
     problems.append(f"--refs {args.refs} (expected 1 to 4)")
   for name in ("keep", "tau"):
@@ -89,7 +89,7 @@ def run(args) -> int:
                                          depth_single=args.depth[1], context_dim=3 * args.hidden)
   model = JittedMMDiT(MMDiT(cfg, rngs=nnx.Rngs(args.seed)))
   rng = np.random.default_rng(args.seed)
-  B, size, n = args.batch, (args.size, args.size), (args.size // 16) ** 2
+  B, size, n = args.batch, (args.size, args.size), (args.size // TOKEN_PIXELS) ** 2
   latents = lambda m: jnp.asarray(rng.standard_normal((B, m, cfg.in_channels)).astype(np.float32))
   target = latents(n)
   refs = [Reference(latents(n), size, pixels=np.stack([procedural_image(rng, args.size) for _ in range(B)]))
@@ -143,45 +143,66 @@ def run(args) -> int:
 
 
 def _generation(args, model: JittedMMDiT, cfg) -> None:
-  """Batch generation of synthetic-world jobs (references, masks, captions with a known answer) through
-  `Generator`: dense references, then the task-aware sparse default (hybrid: edges for editing, saliency for
-  composition) at --keep. Random weights and stand-in prompt embeddings: the PNGs show the pipeline, not a model."""
+  """Batch generation of synthetic-world composition jobs (references, masks, captions with a known answer) through
+  the path of the `generate` command: a JSONL jobs file with its reference and mask PNGs and prompt embeddings is
+  written to a temporary folder, read back by `read_jobs` and run by the `Generator` over a `Pipeline`, dense and then with the
+  task-aware sparse default (hybrid: edges for editing, saliency for composition) at --keep. Random weights and
+  random prompt embeddings: the PNGs show the pipeline, not a model."""
+  import json
+  import tempfile
   import time
   from pathlib import Path
 
-  from sparse_context_jax.data.images import encode_png
+  from jax.sharding import Mesh
+
   from sparse_context_jax.data.world import example
-  from sparse_context_jax.generate import Generator, Job
-  from sparse_context_jax.generate.jobs import TASK_STRATEGY
+  from sparse_context_jax.encoders.vae import VAEImageEncoder
+  from sparse_context_jax.generate import Generator, Pipeline, read_jobs
+  from sparse_context_jax.images import encode_png
   from sparse_context_jax.model.vae import AutoencoderKL, VAEConfig
 
   vae_cfg = VAEConfig(family="flux2", block_out_channels=(32, 32, 32, 32), layers_per_block=1, latent_channels=32,
                       norm_num_groups=8, use_quant_conv=True, use_post_quant_conv=True, scaling_factor=1.0,
                       shift_factor=0.0)
-  gen = Generator(nnx.merge(model.graphdef, model.state), AutoencoderKL(vae_cfg, rngs=nnx.Rngs(args.seed + 1)),
-                  batch_size=2)
+  pipeline = Pipeline(nnx.merge(model.graphdef, model.state),
+                      VAEImageEncoder(AutoencoderKL(vae_cfg, rngs=nnx.Rngs(args.seed + 1))),
+                      mesh=Mesh(np.array(jax.devices()), ("data",)))
+  gen = Generator(pipeline, batch_size=2)
   rng = np.random.default_rng(args.seed)
-  size = (args.size, args.size)
-  examples = [example(args.seed, i, size, max_refs=args.refs, min_refs=args.refs, tasks=("composition",))
-              for i in range(args.images)]
-  out = Path(args.out)
+  out = Path(args.out).resolve()
   out.mkdir(parents=True, exist_ok=True)
+  keep = args.keep or 0.25
   print(f"\nBatch generation: {args.images} synthetic-world composition jobs with {args.refs} reference(s) of "
         f"{args.size}x{args.size}, 4 steps, batches of 2, a small random VAE; PNGs in {out}/")
   print(f"{'references':<28} {'kept tokens (first job)':>24} {'images/s':>9} {'speedup':>8}")
-  base = None
-  for label, keep in (("dense", 1.0), (f"hybrid/saliency, keep {args.keep or 0.25:g}", args.keep or 0.25)):
-    jobs = [Job(line=i, output=out / f"{'dense' if keep == 1.0 else 'sparse'}_{i}.png",
-                txt=rng.standard_normal((args.txt, cfg.context_dim)).astype(np.float32), y=None, neg_txt=None,
-                neg_y=None, references=[r.astype(np.float32) / 127.5 - 1 for r in ex.references],
-                masks=[m > 0 for m in ex.masks], strategy=TASK_STRATEGY[ex.task][0],
-                hybrid_base=TASK_STRATEGY[ex.task][1], keep=keep, tau=None, size=size, steps=4, guidance=None,
-                cfg=None, seed=i) for i, ex in enumerate(examples)]
-    gen.run_batch([gen.prepare(jobs[0])])            # compile
-    t0 = time.perf_counter()
-    results = list(gen.run(jobs))
-    per_s = len(results) / (time.perf_counter() - t0)
-    for r in results:
-      (out / r.job.output.name).write_bytes(encode_png(r.pixels))
-    base = base or per_s
-    print(f"{label:<28} {str(results[0].prepared.kept):>24} {per_s:>9.2f} {per_s / base:>7.2f}x")
+  with tempfile.TemporaryDirectory() as tmp:   # the jobs files and their inputs; the PNGs go to --out
+    jobs_dir = Path(tmp)
+    lines = {"dense": [], "sparse": []}
+    for i in range(args.images):
+      ex = example(args.seed, i, (args.size, args.size), max_refs=args.refs, min_refs=args.refs,
+                   tasks=("composition",))
+      refs, masks = [], []
+      for r, (pixels, mask) in enumerate(zip(ex.references, ex.masks)):
+        for name, data, kind in ((f"ref{i}_{r}.png", pixels, refs), (f"mask{i}_{r}.png", mask, masks)):
+          (jobs_dir / name).write_bytes(encode_png(data))
+          kind.append(name)
+      np.savez(jobs_dir / f"prompt{i}.npz", txt=rng.standard_normal((args.txt, cfg.context_dim)).astype(np.float32))
+      for label, budget in (("dense", 1.0), ("sparse", keep)):
+        lines[label].append({"prompt": f"prompt{i}.npz", "references": refs, "masks": masks, "task": ex.task,
+                             "keep": budget, "size": [args.size, args.size], "steps": 4, "seed": i,
+                             "output": str(out / f"{label}_{i}.png")})
+    base = None
+    for label, name in (("dense", "dense"), (f"hybrid/saliency, keep {keep:g}", "sparse")):
+      path = jobs_dir / f"{name}.jsonl"
+      path.write_text("".join(json.dumps(line) + "\n" for line in lines[name]))
+      jobs, bad = read_jobs(path, cfg, pipeline.packer.max_refs, force=True)
+      if bad:
+        raise AssertionError(f"the demo's own jobs are invalid: {bad}")
+      gen.run_batch([gen.prepare(jobs[0])])            # compile
+      t0 = time.perf_counter()
+      results = list(gen.run(jobs))
+      per_s = len(results) / (time.perf_counter() - t0)
+      for r in results:
+        r.job.output.write_bytes(encode_png(r.pixels))
+      base = base or per_s
+      print(f"{label:<28} {str(results[0].prepared.kept):>24} {per_s:>9.2f} {per_s / base:>7.2f}x")

@@ -1,12 +1,13 @@
-"""`export CKPT OUT.safetensors --layout bfl|diffusers`: a converted checkpoint back to one PyTorch file."""
+"""`export CKPT OUT.safetensors --layout bfl|diffusers`: a converted checkpoint (transformer or VAE) back to one
+PyTorch file."""
 
 from __future__ import annotations
 
 from sparse_context_jax.cli import UserError
 from sparse_context_jax.convert.output import OutputExistsError
-from sparse_context_jax.convert.state_dict import CheckpointError
+from sparse_context_jax.errors import CheckpointError
 from sparse_context_jax.convert.streaming import export_checkpoint
-from sparse_context_jax.convert.tables import LAYOUTS
+from sparse_context_jax.convert.kinds import LAYOUTS
 
 
 def add_arguments(parser) -> None:

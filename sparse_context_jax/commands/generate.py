@@ -8,16 +8,19 @@ import json
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from sparse_context_jax.cli import UserError
 from sparse_context_jax.convert import CheckpointError, load_model, load_vae
 from sparse_context_jax.convert.output import atomic_output
-from sparse_context_jax.data.images import encode_png
-from sparse_context_jax.generate import Generator, read_jobs
+from sparse_context_jax.encoders.vae import VAEImageEncoder
+from sparse_context_jax.generate import Generator, Pipeline, read_jobs
+from sparse_context_jax.images import encode_png
 from sparse_context_jax.model import PRESETS, MMDiT, MMDiTConfig
 from sparse_context_jax.model.vae import VAE_PRESETS, AutoencoderKL, VAEConfig
 
@@ -68,11 +71,12 @@ def run(args) -> int:
              MMDiT(_random(args.random_model, PRESETS, MMDiTConfig, "model"), rngs=nnx.Rngs(args.seed), dtype=dtype))
     vae = (load_vae(args.vae) if args.vae else
            AutoencoderKL(_random(args.random_vae, VAE_PRESETS, VAEConfig, "vae"), rngs=nnx.Rngs(args.seed + 1)))
-    generator = Generator(model, vae, batch_size=args.batch_size)
+    pipeline = Pipeline(model, VAEImageEncoder(vae), mesh=Mesh(np.array(jax.devices()), ("data",)))
   except (CheckpointError, ValueError) as e:
     raise UserError(str(e)) from None
+  generator = Generator(pipeline, batch_size=args.batch_size)
 
-  jobs, bad = read_jobs(args.jobs, model.config, generator.packer.max_refs, force=args.force)
+  jobs, bad = read_jobs(args.jobs, model.config, pipeline.packer.max_refs, force=args.force)
   for b in bad:
     print(f"{args.jobs}:{b.line}: {b.error}", file=sys.stderr)
   report = {"jobs": [], "bad_jobs": [{"line": b.line, "error": b.error} for b in bad]}
@@ -82,12 +86,13 @@ def run(args) -> int:
       if args.save_latents:
         with open(r.job.output.with_suffix(".npy"), "wb") as f:
           np.save(f, r.latents)
+      request = r.job.request
       report["jobs"].append({
-          "line": r.job.line, "output": str(r.job.output), "strategy": r.job.strategy,
-          "keep": r.job.keep, "tau": r.job.tau, "kept_tokens": r.prepared.kept, "bucket": r.prepared.bucket,
-          "sequence": len(r.prepared.img), "valid": r.prepared.length, "batch_size": r.batch_size,
-          "batch_seconds": round(r.batch_seconds, 4)})
-  report["programs"] = generator.programs()
+          "line": r.job.line, "output": str(r.job.output), "strategy": request.strategy,
+          "keep": request.keep, "tau": request.tau, "kept_tokens": r.prepared.kept,
+          "bucket": r.prepared.plan.rung.ratio, "sequence": r.prepared.sequence, "valid": r.prepared.valid,
+          "batch_size": r.batch_size, "batch_seconds": round(r.batch_seconds, 4)})
+  report["programs"] = pipeline.programs()
   report_path = Path(args.report or Path(args.jobs).with_suffix(".report.json"))
   _write(report_path, json.dumps(report, indent=1).encode())
   print(f"generated {len(report['jobs'])} image(s), {len(bad)} bad job(s); "

@@ -3,7 +3,7 @@
 `--encoders vae:PATH` encodes images with the project's Flax VAE (PATH: a VAE folder written by `convert`). Real
 text encoders are still missing, so its captions get the hashed stand-in embedding (`--text-len` x `--text-dim`,
 the model's context_dim, and `--pooled-dim` for FLUX.1). `--encoders module:attribute` names your own
-`sparse_context_jax.data.precompute.Encoders` (or a function returning one).
+`sparse_context_jax.encoders.Encoders` (or a function returning one).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import os
 import time
 
 from sparse_context_jax.cli import UserError
+from sparse_context_jax.model.positions import TOKEN_PIXELS
 
 
 def add_arguments(parser) -> None:
@@ -31,20 +32,20 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-  from sparse_context_jax.data import precompute as P
+  from sparse_context_jax.data.precompute import REAL_ENCODERS, load_encoders, precompute
   if args.encoders is None:
     raise UserError("precompute needs --encoders: vae:PATH (a converted Flax VAE; captions get the hashed stand-in "
-                    f"text, real text encoders are still missing), one of {sorted(P.REAL_ENCODERS)} or "
+                    f"text, real text encoders are still missing), one of {sorted(REAL_ENCODERS)} or "
                     "module:attribute")
   if args.batch <= 0:
     raise UserError(f"--batch {args.batch} (expected > 0)")
-  if args.resolution <= 0 or args.resolution % 16:
-    raise UserError(f"--resolution {args.resolution} (expected a positive multiple of 16)")
+  if args.resolution <= 0 or args.resolution % TOKEN_PIXELS:
+    raise UserError(f"--resolution {args.resolution} (expected a positive multiple of {TOKEN_PIXELS})")
   start = time.perf_counter()
   try:
-    encoders = P.load_encoders(args.encoders, text_len=args.text_len, text_dim=args.text_dim,
+    encoders = load_encoders(args.encoders, text_len=args.text_len, text_dim=args.text_dim,
                                pooled_dim=args.pooled_dim)
-    count = P.precompute(args.dataset, args.out, encoders, batch_size=args.batch, resolution=args.resolution,
+    count = precompute(args.dataset, args.out, encoders, batch_size=args.batch, resolution=args.resolution,
                          force=args.force)
   except (FileExistsError, FileNotFoundError, ValueError) as e:
     raise UserError(str(e)) from None

@@ -45,16 +45,16 @@ def initialize_distributed(args) -> None:
 def run(args) -> int:
   import jax
 
-  from sparse_context_jax.train import config as C
-  from sparse_context_jax.train.checkpoint import CheckpointError
+  from sparse_context_jax.errors import CheckpointError
+  from sparse_context_jax.train.config import ConfigError, apply_overrides, load, validate
   try:
-    config = C.apply_overrides(C.load(args.config), args.extra)
-  except C.ConfigError as e:
+    config = apply_overrides(load(args.config), args.extra)
+  except ConfigError as e:
     raise UserError(str(e)) from None
   initialize_distributed(args)
   try:
-    C.validate(config, jax.device_count(), jax.process_count())
-  except C.ConfigError as e:
+    validate(config, jax.device_count(), jax.process_count())
+  except ConfigError as e:
     raise UserError(str(e)) from None
   from sparse_context_jax.train.loop import train
   try:

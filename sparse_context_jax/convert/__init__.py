@@ -1,12 +1,16 @@
-"""Weight conversion between PyTorch FLUX checkpoints and this project's parameters."""
+"""Weight conversion between PyTorch FLUX checkpoints (transformers, VAEs) and this project's modules.
 
-from sparse_context_jax.convert.checkpoint import load_model
-from sparse_context_jax.convert.vae_convert import load_vae
-from sparse_context_jax.convert.state_dict import (CheckpointError, ModelSpec, load_state_dict, model_params,
+One mechanism for every kind of model (`kinds.KINDS`): declarative rules (`rules`, `tables`, `vae_tables`), streamed
+conversion and export (`streaming`), and one loader, `load(path)`, that builds what a converted folder holds.
+"""
+
+from sparse_context_jax.convert.checkpoint import load, load_model, load_vae, read_config, save
+from sparse_context_jax.convert.kinds import KINDS, LAYOUTS, rules_for
+from sparse_context_jax.convert.state_dict import (ModelSpec, load_state_dict, model_params, model_variables,
                                                    params_from_state_dict, set_model_params, state_dict_from_params)
 from sparse_context_jax.convert.streaming import convert_checkpoint, export_checkpoint
-from sparse_context_jax.convert.tables import LAYOUTS, rules_for
+from sparse_context_jax.errors import CheckpointError
 
-__all__ = ["CheckpointError", "LAYOUTS", "ModelSpec", "convert_checkpoint", "export_checkpoint", "load_model", "load_vae",
-           "load_state_dict", "model_params", "params_from_state_dict", "rules_for", "set_model_params",
-           "state_dict_from_params"]
+__all__ = ["CheckpointError", "KINDS", "LAYOUTS", "ModelSpec", "convert_checkpoint", "export_checkpoint", "load",
+           "load_model", "load_state_dict", "load_vae", "model_params", "model_variables", "params_from_state_dict",
+           "read_config", "rules_for", "save", "set_model_params", "state_dict_from_params"]

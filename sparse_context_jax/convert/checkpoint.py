@@ -1,20 +1,23 @@
-"""The converted checkpoint: `config.json` plus an orbax checkpoint of the parameters, written and read layer by layer.
+"""The converted checkpoint of any kind (transformer, VAE): `config.json` plus an orbax checkpoint of the variables,
+written and read layer by layer.
 
-    OUT/config.json   MMDiTConfig.to_json()
-    OUT/params/       orbax checkpoint; its pytree nests the dotted parameter paths, with stacked parameters
+    OUT/config.json   {"kind": "transformer" | "vae", **config} (a transformer folder without "kind" is one too)
+    OUT/params/       orbax checkpoint; its pytree nests the dotted variable paths, with stacked parameters
                       stored unstacked, one subtree per layer:
                       {"img_in": {"kernel": a}, "double_blocks": {"0": {"img_attn": {"qkv": {"kernel": a}}}}, ...}
 
 Stacked parameters are written one layer at a time (orbax partial saves: each adds a few leaves to the same
-checkpoint), so the writer never holds more than one layer; `load_model` restores one layer at a time straight
+checkpoint), so the writer never holds more than one layer; `load` restores one layer at a time straight
 into its sharding and copies it into a preallocated stacked buffer in place, so neither a host nor a device ever
 holds more than its share of the model plus one layer. Where each parameter lives is decided by the logical-axis
-rules of `parallel/rules.py`, the same rules training uses, so a loaded model is already in its train sharding.
+rules of `parallel/rules.py`, the same rules training uses, so a loaded model is already in its train sharding
+(variables without logical axes, the VAE's, are replicated).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,9 +30,12 @@ from etils import epath
 from flax import nnx
 from orbax.checkpoint.experimental.v1 import partial as ocp_partial
 
-from sparse_context_jax.convert.state_dict import CheckpointError
-from sparse_context_jax.model.config import MMDiTConfig
+from sparse_context_jax.convert.kinds import KINDS, kind_named, kind_of
+from sparse_context_jax.convert.output import atomic_output
+from sparse_context_jax.convert.state_dict import model_params
+from sparse_context_jax.errors import CheckpointError
 from sparse_context_jax.model.mmdit import MMDiT
+from sparse_context_jax.model.vae import AutoencoderKL
 from sparse_context_jax.parallel.rules import DEFAULT_RULES, param_sharding
 
 CONFIG, PARAMS = "config.json", "params"
@@ -64,9 +70,9 @@ def _flatten(tree: dict, prefix: TreePath = ()) -> dict[TreePath, object]:
 class CheckpointWriter:
   """Adds groups of host arrays to `directory/params` one orbax partial save at a time; `finish` commits."""
 
-  def __init__(self, directory: Path, cfg: MMDiTConfig):
+  def __init__(self, directory: Path, cfg):
     self._params = Path(directory) / PARAMS
-    (Path(directory) / CONFIG).write_text(cfg.to_json())
+    (Path(directory) / CONFIG).write_text(json.dumps(kind_of(cfg).to_dict(cfg), indent=2, sort_keys=True))
 
   def add(self, arrays: Mapping[TreePath, np.ndarray]) -> None:
     ocp_partial.save(self._params, _nest(arrays))
@@ -75,16 +81,16 @@ class CheckpointWriter:
     ocp_partial.finalize(self._params)
 
 
-def read_config(path: str | os.PathLike) -> MMDiTConfig:
+def read_config(path: str | os.PathLike):
+  """The config of a folder written by `convert` (an `MMDiTConfig`, a `VAEConfig`, ...): its kind tells which."""
   path = Path(path)
-  if (path / CONFIG).is_file() and '"kind": "vae"' in (path / CONFIG).read_text():
-    raise CheckpointError(f"{path} is a converted VAE, not a transformer (load it with load_vae)")
   if not (path / CONFIG).is_file() or not (path / PARAMS / _PYTREE).is_dir():
     raise CheckpointError(f"{path} is not a converted checkpoint (expected {CONFIG} and an orbax {PARAMS}/ "
                           "written by `convert`)")
   try:
-    return MMDiTConfig.from_json((path / CONFIG).read_text())
-  except ValueError as e:
+    d = json.loads((path / CONFIG).read_text())
+    return kind_named(d.get("kind", "transformer"), str(path / CONFIG)).from_dict(d)
+  except (ValueError, TypeError) as e:
     raise CheckpointError(f"{path / CONFIG}: {e}") from None
 
 
@@ -130,57 +136,98 @@ def _layer_sharding(stacked: jax.sharding.Sharding) -> jax.sharding.Sharding:
   return stacked
 
 
-def load_model(path: str | os.PathLike, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
-               rules: Mapping[str, str | None] = DEFAULT_RULES, **model_kw) -> MMDiT:
-  """The model of a directory written by `convert`, with parameters (and compute) in `dtype`.
+def _stacking_axes(var) -> int:
+  """Leading layer axes of a variable: those beyond its logical axes (none without logical axes)."""
+  logical_axes = var.get_metadata().get("logical_axes")
+  return 0 if logical_axes is None else len(var.shape) - len(logical_axes)
+
+
+def load(path: str | os.PathLike, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
+         rules: Mapping[str, str | None] = DEFAULT_RULES, **module_kw) -> nnx.Module:
+  """The module (transformer, VAE, ...) of a folder written by `convert`, as its `config.json` names it.
 
   Args:
-    path: the converted checkpoint directory.
-    dtype: parameter and compute dtype (stored parameters are cast on read).
-    mesh: when given, each parameter is read shard by shard straight into the sharding that the logical-axis
-      `rules` give it (`parallel/rules.py`, the same placement as training); else everything goes to the first
-      device.
+    path: the converted folder.
+    dtype: parameter and compute dtype (stored parameters are cast on read; a VAE's BatchNorm statistics stay
+      float32).
+    mesh: when given, each variable is read shard by shard straight into the sharding that the logical-axis
+      `rules` give it (`parallel/rules.py`, the same placement as training; replicated without logical axes);
+      else everything goes to the first device.
     rules: logical axis -> mesh axis (None = replicated); used only with a mesh.
-    model_kw: further `MMDiT` options (scan_layers, remat, attention_impl).
+    module_kw: further module options (the transformer's scan_layers, remat, attention_impl).
   """
   path = Path(path)
   cfg = read_config(path)
-  abstract = nnx.eval_shape(lambda: MMDiT(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype, **model_kw))
-  graphdef, abstract_params = nnx.split(abstract, nnx.Param)
-  flat = nnx.to_flat_state(abstract_params)
+  abstract = kind_of(cfg).abstract(cfg, dtype=dtype, param_dtype=dtype, **module_kw)
+  graphdef, abstract_state = nnx.split(abstract)
+  flat = nnx.to_flat_state(abstract_state)
 
-  # name -> (shape, layers (0 = not stacked), sharding); logical_axes name the axes before layer stacking.
+  # name -> (shape, dtype, layers (0 = not stacked), sharding); logical_axes name the axes before layer stacking.
   info = {}
   for p, var in flat:
-    shape, logical_axes = tuple(var.shape), var.get_metadata()["logical_axes"]
-    sharding = (jax.sharding.SingleDeviceSharding(jax.devices()[0]) if mesh is None else
-                param_sharding(mesh, shape, logical_axes, rules))
-    info[".".join(map(str, p))] = (shape, len(shape) - len(logical_axes), sharding)
-
-  def target(shape, sharding):
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+    shape, logical_axes = tuple(var.shape), var.get_metadata().get("logical_axes")
+    if mesh is None:
+      sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    elif logical_axes is None:
+      sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    else:
+      sharding = param_sharding(mesh, shape, logical_axes, rules)
+    info[".".join(map(str, p))] = (shape, var.dtype, _stacking_axes(var), sharding)
 
   try:
-    unstacked = {name: (shape, sh) for name, (shape, n, sh) in info.items() if n == 0}
-    got = restore(path, {stored_path(name, None): target(shape, sh) for name, (shape, sh) in unstacked.items()})
+    unstacked = {name: i for name, i in info.items() if i[2] == 0}
+    got = restore(path, {stored_path(name, None): jax.ShapeDtypeStruct(shape, dt, sharding=sh)
+                         for name, (shape, dt, _, sh) in unstacked.items()})
     values = {name: got[stored_path(name, None)] for name in unstacked}
     stacks: dict[str, list[str]] = {}
-    for name, (_, n, _) in info.items():
+    for name, (_, _, n, _) in info.items():
       if n:
         stacks.setdefault(name.split(".")[0], []).append(name)
     for names in stacks.values():
       depth = info[names[0]][0][0]
       for name in names:
-        shape, _, sh = info[name]
-        values[name] = _zeros(shape, jnp.dtype(dtype), sh)()
+        shape, dt, _, sh = info[name]
+        values[name] = _zeros(shape, jnp.dtype(dt), sh)()
       for i in range(depth):
-        got = restore(path, {stored_path(name, i): target(info[name][0][1:], _layer_sharding(info[name][2]))
+        got = restore(path, {stored_path(name, i): jax.ShapeDtypeStruct(info[name][0][1:], info[name][1],
+                                                                         sharding=_layer_sharding(info[name][3]))
                              for name in names})
         for name in names:
-          values[name] = _set_layer(info[name][2])(values[name], got.pop(stored_path(name, i)), np.int32(i))
+          values[name] = _set_layer(info[name][3])(values[name], got.pop(stored_path(name, i)), np.int32(i))
   except (ValueError, KeyError, FileNotFoundError) as e:
     raise CheckpointError(f"cannot restore the parameters of {path}: {e}") from None
 
   state = nnx.from_flat_state([(p, var.replace(values[".".join(map(str, p))])) for p, var in flat])
   return nnx.merge(graphdef, state)
 
+
+def _load_kind(path, kind: str, **kw) -> nnx.Module:
+  cfg = read_config(path)
+  found = kind_of(cfg)
+  if found.name != kind:
+    raise CheckpointError(f"{path} is a converted {found.noun}, not a {KINDS[kind].noun} (load it with "
+                          f"{found.loader})")
+  return load(path, **kw)
+
+
+def load_model(path: str | os.PathLike, **kw) -> MMDiT:
+  """`load` for a converted transformer (a CheckpointError names what else the folder holds)."""
+  return _load_kind(path, "transformer", **kw)
+
+
+def load_vae(path: str | os.PathLike, *, dtype=jnp.float32) -> AutoencoderKL:
+  """`load` for a converted VAE."""
+  return _load_kind(path, "vae", dtype=dtype)
+
+
+def save(module: nnx.Module, out: str | os.PathLike, *, force: bool = False) -> None:
+  """Writes a live module (transformer or VAE) as `convert` does, in its variables' dtypes: `load(out)` gives it
+  back. Atomic: on any error nothing is left at `out`."""
+  params = model_params(module)
+  stacked = {".".join(map(str, p)) for p, v in nnx.to_flat_state(nnx.state(module)) if _stacking_axes(v)}
+  with atomic_output(out, force=force, directory=True) as tmp:
+    writer = CheckpointWriter(tmp, module.config)
+    writer.add({stored_path(k, None): v for k, v in params.items() if k not in stacked})
+    for k in stacked:
+      writer.add({stored_path(k, i): layer for i, layer in enumerate(params[k])})
+    writer.finish()

@@ -1,7 +1,7 @@
 """Declarative rules between PyTorch state-dict tensors and this project's parameters, both ways.
 
 A rule relates a few torch tensors to a few parameters and reads only its own tensors, so a converter can stream
-one rule at a time. Two kinds cover FLUX:
+one rule at a time. Two kinds cover every model here (the FLUX transformers and VAEs):
 
 * `LinearRule`: torch `Linear` modules whose weights stack their rows (output features) into one logical matrix
   (e.g. diffusers' `to_q`, `to_k`, `to_v`, or BFL's fused `qkv`), and `Linear` modules of ours that split the same
@@ -9,7 +9,9 @@ one rule at a time. Two kinds cover FLUX:
   (`split="in"`: the single block's output projection over cat[attention, mlp], whose one bias belongs to the
   target that has a bias). Our kernels are `in_shape + out_shape`, torch weights `(out, in)`. `swap_halves`
   exchanges the two halves of the rows (diffusers' final-layer (scale, shift) against BFL's and ours (shift, scale)).
-* `CopyRule`: one tensor, same values and shape (the QK-norm scales).
+* `TensorRule`: one tensor to one parameter through a fixed transform: `copy` (norm scales, biases, BatchNorm
+  statistics), `linear` (torch (out, in) <-> (in, out)), `conv` (torch (out, in, kh, kw) <-> (kh, kw, in, out)),
+  `conv1x1` (a 1x1 convolution (out, in, 1, 1) <-> a linear (in, out)).
 
 A rule with `layers=n` has `{i}` in its torch names and targets stacked parameters (leading layer axis).
 Parameters are flat dicts: `"double_blocks.img_attn.qkv.kernel" -> array`.
@@ -42,14 +44,27 @@ class LinearRule:
     assert self.split in ("out", "in"), self
 
 
+# name -> (torch -> ours, ours -> torch); each a transpose or reshape, so it maps shapes as well as arrays.
+TRANSFORMS = {
+    "copy": (lambda t: t, lambda p: p),
+    "linear": (lambda t: t.T, lambda p: p.T),
+    "conv": (lambda t: t.transpose(2, 3, 1, 0), lambda p: p.transpose(3, 2, 0, 1)),
+    "conv1x1": (lambda t: t[:, :, 0, 0].T, lambda p: p.T[:, :, None, None]),
+}
+
+
 @dataclasses.dataclass(frozen=True)
-class CopyRule:
+class TensorRule:
   source: str                       # torch key
   target: str                       # parameter path
+  transform: str = "copy"           # a key of TRANSFORMS
   layers: int | None = None
 
+  def __post_init__(self):
+    assert self.transform in TRANSFORMS, self
 
-Rule = LinearRule | CopyRule
+
+Rule = LinearRule | TensorRule
 
 
 def layer_formats(rule: Rule) -> list[tuple[int | None, dict]]:
@@ -59,7 +74,7 @@ def layer_formats(rule: Rule) -> list[tuple[int | None, dict]]:
 
 def source_keys(rule: Rule, has_bias: Mapping[str, bool], fmt: dict) -> list[str]:
   """The torch keys one layer of a rule reads. `has_bias[target]` tells which of our modules have a bias."""
-  if isinstance(rule, CopyRule):
+  if isinstance(rule, TensorRule):
     return [rule.source.format(**fmt)]
   biased = any(has_bias[t] for t in rule.targets)
   return [f"{s}.{leaf}".format(**fmt) for s in rule.sources for leaf in (("weight", "bias") if biased else ("weight",))]
@@ -67,7 +82,7 @@ def source_keys(rule: Rule, has_bias: Mapping[str, bool], fmt: dict) -> list[str
 
 def target_keys(rule: Rule, has_bias: Mapping[str, bool]) -> list[str]:
   """The parameter paths a rule writes."""
-  if isinstance(rule, CopyRule):
+  if isinstance(rule, TensorRule):
     return [rule.target]
   return [f"{t}.{leaf}" for t in rule.targets for leaf in ("kernel", "bias") if leaf == "kernel" or has_bias[t]]
 
@@ -84,8 +99,8 @@ def _target_widths(rule: LinearRule, layouts: Layouts) -> list[int]:
 def to_params(rule: Rule, tensors: Mapping[str, np.ndarray], fmt: dict, layouts: Layouts,
               has_bias: Mapping[str, bool]) -> dict[str, np.ndarray]:
   """One layer of a rule: torch tensors (already shape-checked) -> {parameter path: array} (unstacked)."""
-  if isinstance(rule, CopyRule):
-    return {rule.target: tensors[rule.source.format(**fmt)]}
+  if isinstance(rule, TensorRule):
+    return {rule.target: TRANSFORMS[rule.transform][0](np.asarray(tensors[rule.source.format(**fmt)]))}
   w = np.concatenate([tensors[f"{s}.weight".format(**fmt)] for s in rule.sources], axis=0)
   biased = [t for t in rule.targets if has_bias[t]]
   b = np.concatenate([tensors[f"{s}.bias".format(**fmt)] for s in rule.sources]) if biased else None
@@ -109,8 +124,9 @@ def to_params(rule: Rule, tensors: Mapping[str, np.ndarray], fmt: dict, layouts:
 def to_torch(rule: Rule, params: Mapping[str, np.ndarray], fmt: dict, layouts: Layouts,
              has_bias: Mapping[str, bool]) -> dict[str, np.ndarray]:
   """One layer of a rule: {parameter path: array} (unstacked) -> torch tensors."""
-  if isinstance(rule, CopyRule):
-    return {rule.source.format(**fmt): params[rule.target]}
+  if isinstance(rule, TensorRule):
+    return {rule.source.format(**fmt): np.ascontiguousarray(TRANSFORMS[rule.transform][1](np.asarray(
+        params[rule.target])))}
   mats = []
   for t in rule.targets:
     in_shape, out_shape = layouts[t]
@@ -138,9 +154,11 @@ def to_torch(rule: Rule, params: Mapping[str, np.ndarray], fmt: dict, layouts: L
 def torch_shapes(rule: Rule, fmt: dict, layouts: Layouts, has_bias: Mapping[str, bool],
                  param_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
   """The shape every torch tensor of one layer of a rule must have (for strict checking before conversion)."""
-  if isinstance(rule, CopyRule):
+  if isinstance(rule, TensorRule):
     shape = param_shapes[rule.target]
-    return {rule.source.format(**fmt): tuple(shape[1:] if rule.layers is not None else shape)}
+    shape = tuple(shape[1:] if rule.layers is not None else shape)
+    like = np.broadcast_to(np.zeros((), np.float32), shape)   # a view: the transform maps shapes, no data
+    return {rule.source.format(**fmt): tuple(TRANSFORMS[rule.transform][1](like).shape)}
   in_width = {math.prod(layouts[t][0]) for t in rule.targets}
   if rule.split == "out":
     assert len(in_width) == 1, rule

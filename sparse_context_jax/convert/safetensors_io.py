@@ -19,7 +19,7 @@ from collections.abc import Iterable
 import ml_dtypes
 import numpy as np
 
-from sparse_context_jax.convert.state_dict import CheckpointError
+from sparse_context_jax.errors import CheckpointError
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),

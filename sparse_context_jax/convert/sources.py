@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from sparse_context_jax.convert.safetensors_io import SafetensorsFile
-from sparse_context_jax.convert.state_dict import CheckpointError, _fmt_keys
+from sparse_context_jax.errors import CheckpointError, format_keys
 
-BFL_PREFIX = "model.diffusion_model."  # BFL / ComfyUI single files; stripped (flux_arch.md section 3)
+BFL_PREFIX = "model.diffusion_model."  # BFL / ComfyUI single files; stripped
 
 
 class TensorSource:
@@ -120,8 +120,8 @@ def open_source(path: str | os.PathLike) -> TensorSource:
       unindexed = set(where) - set(weight_map)
       if misplaced or unindexed:
         raise CheckpointError(f"the index of {path} disagrees with its shards: "
-                              f"{len(misplaced)} indexed tensor(s) not in the named shard ({_fmt_keys(misplaced)}); "
-                              f"{len(unindexed)} tensor(s) in shards but not in the index ({_fmt_keys(unindexed)})")
+                              f"{len(misplaced)} indexed tensor(s) not in the named shard ({format_keys(misplaced)}); "
+                              f"{len(unindexed)} tensor(s) in shards but not in the index ({format_keys(unindexed)})")
   except Exception:
     for f in files.values():
       f.close()

@@ -1,22 +1,14 @@
-"""Weight-key tables: torch checkpoint layouts (diffusers, Black Forest Labs) <-> this project's parameters.
-
-One table per family and layout, built from the config (sizes are never literals). See flux_arch.md section 3.
+"""Weight-key tables of the transformer: torch checkpoint layouts (diffusers, Black Forest Labs) <-> this project's
+parameters. One table per family and layout, built from the config (sizes are never literals).
 """
 
 from __future__ import annotations
 
-from sparse_context_jax.convert.rules import CopyRule, LinearRule, Rule
+from sparse_context_jax.convert.rules import TensorRule, LinearRule, Rule
 from sparse_context_jax.model.config import MMDiTConfig
 
-LAYOUTS = ("diffusers", "bfl")
-
-
-def rules_for(cfg: MMDiTConfig, layout: str) -> list[Rule]:
-  if layout == "diffusers":
-    return _diffusers(cfg)
-  if layout == "bfl":
-    return _bfl(cfg)
-  raise ValueError(f"unknown checkpoint layout {layout!r}; expected one of {LAYOUTS}")
+def transformer_rules(cfg: MMDiTConfig, layout: str) -> list[Rule]:
+  return _diffusers(cfg) if layout == "diffusers" else _bfl(cfg)
 
 
 def _lin(sources, rows, targets, **kw) -> LinearRule:
@@ -53,10 +45,10 @@ def _diffusers(cfg: MMDiTConfig) -> list[Rule]:
       _lin([f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v"], [D] * 3, f"{t}.img_attn.qkv", layers=Ld),
       _lin([f"{d}.attn.add_q_proj", f"{d}.attn.add_k_proj", f"{d}.attn.add_v_proj"], [D] * 3, f"{t}.txt_attn.qkv",
            layers=Ld),
-      CopyRule(f"{d}.attn.norm_q.weight", f"{t}.img_attn.query_norm.scale", layers=Ld),
-      CopyRule(f"{d}.attn.norm_k.weight", f"{t}.img_attn.key_norm.scale", layers=Ld),
-      CopyRule(f"{d}.attn.norm_added_q.weight", f"{t}.txt_attn.query_norm.scale", layers=Ld),
-      CopyRule(f"{d}.attn.norm_added_k.weight", f"{t}.txt_attn.key_norm.scale", layers=Ld),
+      TensorRule(f"{d}.attn.norm_q.weight", f"{t}.img_attn.query_norm.scale", layers=Ld),
+      TensorRule(f"{d}.attn.norm_k.weight", f"{t}.img_attn.key_norm.scale", layers=Ld),
+      TensorRule(f"{d}.attn.norm_added_q.weight", f"{t}.txt_attn.query_norm.scale", layers=Ld),
+      TensorRule(f"{d}.attn.norm_added_k.weight", f"{t}.txt_attn.key_norm.scale", layers=Ld),
       _lin(f"{d}.attn.to_out.0", D, f"{t}.img_proj", layers=Ld),
       _lin(f"{d}.attn.to_add_out", D, f"{t}.txt_proj", layers=Ld),
       _lin(f"{d}.ff.{mlp_names[0]}", mlp_in, f"{t}.img_mlp.fc1", layers=Ld),
@@ -77,8 +69,8 @@ def _diffusers(cfg: MMDiTConfig) -> list[Rule]:
   else:
     r += [_lin(f"{s}.attn.to_qkv_mlp_proj", 3 * D + mlp_in, [f"{t}.attn.qkv", f"{t}.mlp.fc1"], layers=Ls),
           _lin(f"{s}.attn.to_out", D, [f"{t}.proj", f"{t}.mlp.fc2"], split="in", layers=Ls)]
-  r += [CopyRule(f"{s}.attn.norm_q.weight", f"{t}.attn.query_norm.scale", layers=Ls),
-        CopyRule(f"{s}.attn.norm_k.weight", f"{t}.attn.key_norm.scale", layers=Ls)]
+  r += [TensorRule(f"{s}.attn.norm_q.weight", f"{t}.attn.query_norm.scale", layers=Ls),
+        TensorRule(f"{s}.attn.norm_k.weight", f"{t}.attn.key_norm.scale", layers=Ls)]
   return r
 
 
@@ -107,8 +99,8 @@ def _bfl(cfg: MMDiTConfig) -> list[Rule]:
   for stream in ("img", "txt"):
     r += [
         _lin(f"{d}.{stream}_attn.qkv", 3 * D, f"{t}.{stream}_attn.qkv", layers=Ld),
-        CopyRule(f"{d}.{stream}_attn.norm.query_norm.scale", f"{t}.{stream}_attn.query_norm.scale", layers=Ld),
-        CopyRule(f"{d}.{stream}_attn.norm.key_norm.scale", f"{t}.{stream}_attn.key_norm.scale", layers=Ld),
+        TensorRule(f"{d}.{stream}_attn.norm.query_norm.scale", f"{t}.{stream}_attn.query_norm.scale", layers=Ld),
+        TensorRule(f"{d}.{stream}_attn.norm.key_norm.scale", f"{t}.{stream}_attn.key_norm.scale", layers=Ld),
         _lin(f"{d}.{stream}_attn.proj", D, f"{t}.{stream}_proj", layers=Ld),
         _lin(f"{d}.{stream}_mlp.0", mlp_in, f"{t}.{stream}_mlp.fc1", layers=Ld),
         _lin(f"{d}.{stream}_mlp.2", D, f"{t}.{stream}_mlp.fc2", layers=Ld),
@@ -120,8 +112,8 @@ def _bfl(cfg: MMDiTConfig) -> list[Rule]:
   r += [
       _lin(f"{s}.linear1", 3 * D + mlp_in, [f"{t}.attn.qkv", f"{t}.mlp.fc1"], layers=Ls),
       _lin(f"{s}.linear2", D, [f"{t}.proj", f"{t}.mlp.fc2"], split="in", layers=Ls),
-      CopyRule(f"{s}.norm.query_norm.scale", f"{t}.attn.query_norm.scale", layers=Ls),
-      CopyRule(f"{s}.norm.key_norm.scale", f"{t}.attn.key_norm.scale", layers=Ls),
+      TensorRule(f"{s}.norm.query_norm.scale", f"{t}.attn.query_norm.scale", layers=Ls),
+      TensorRule(f"{s}.norm.key_norm.scale", f"{t}.attn.key_norm.scale", layers=Ls),
   ]
   if not cfg.shared_modulation:
     r.append(_lin(f"{s}.modulation.lin", 3 * D, f"{t}.modulation.lin", layers=Ls))

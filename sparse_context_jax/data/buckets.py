@@ -1,4 +1,4 @@
-"""Aspect-ratio buckets and the resize + centre-crop that puts an image into one.
+"""Aspect-ratio buckets (the resize + centre-crop that puts an image into one is `images.resize_crop`).
 
 XLA compiles one program per shape, and a batch must have one shape, so every example is resized to one of a few
 (height, width) buckets: each about `resolution`^2 pixels, sides multiples of 16 (one FLUX token is 16x16 pixels),
@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-from PIL import Image
+from sparse_context_jax.model.positions import TOKEN_PIXELS
 
 # height:width ratios; a short list keeps the number of compiled programs (and half-empty last batches) small.
 ASPECTS = ((1, 1), (3, 4), (4, 3), (2, 3), (3, 2), (9, 16), (16, 9))
-MULTIPLE = 16
+MULTIPLE = TOKEN_PIXELS
 
 
 def aspect_buckets(resolution: int, aspects=ASPECTS) -> tuple[tuple[int, int], ...]:
@@ -35,24 +34,3 @@ def nearest_bucket(size: tuple[int, int], buckets) -> int:
   """Index of the bucket whose aspect ratio is nearest (in log space) to that of `size` = (height, width)."""
   ratio = math.log(size[0] / size[1])
   return min(range(len(buckets)), key=lambda i: abs(math.log(buckets[i][0] / buckets[i][1]) - ratio))
-
-
-def crop_box(size: tuple[int, int], out: tuple[int, int]) -> tuple[float, float, float, float]:
-  """(left, top, right, bottom) of the centred region of an image of `size` = (h, w) with `out`'s aspect ratio."""
-  (h, w), (H, W) = size, out
-  scale = min(h / H, w / W)
-  ch, cw = H * scale, W * scale
-  return ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
-
-
-def resize_crop(pixels: np.ndarray, out: tuple[int, int]) -> np.ndarray:
-  """(h, w, 3) or (h, w) uint8 -> (H, W, ...) uint8: the centred crop of out's aspect ratio, resized to `out`.
-
-  Bicubic with PIL's antialiasing (its filter widens when shrinking), so downscaling does not alias. The crop box
-  is fractional and passed to the resize, so an image and its mask of the same size land on the same pixels.
-  """
-  img = Image.fromarray(pixels)
-  box = crop_box(pixels.shape[:2], out)
-  if pixels.shape[:2] == tuple(out):
-    return pixels
-  return np.asarray(img.resize((out[1], out[0]), Image.Resampling.BICUBIC, box=box))

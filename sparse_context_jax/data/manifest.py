@@ -25,7 +25,7 @@ import json
 import os
 from pathlib import Path
 
-from sparse_context_jax.data.images import ImageError, canonical_image, canonical_mask
+from sparse_context_jax.images import ImageError, canonical_image, canonical_mask
 
 TASKS = ("editing", "composition")
 MAX_REFS = 4

@@ -30,8 +30,10 @@ import sys
 import grain
 import numpy as np
 
-from sparse_context_jax.data.buckets import aspect_buckets, nearest_bucket, resize_crop
+from sparse_context_jax.data.buckets import aspect_buckets, nearest_bucket
 from sparse_context_jax.data.builder import Dataset, open_dataset
+from sparse_context_jax.images import resize_crop
+from sparse_context_jax.model.positions import TOKEN_PIXELS
 
 # An "infinite" repeat: a length grain can index without overflow, far beyond any training run.
 _FOREVER = 1 << 40
@@ -163,7 +165,7 @@ def make_pipeline(dataset: Dataset | str | os.PathLike, *, batch_size: int, reso
   if batch_size <= 0:
     raise ValueError(f"batch_size {batch_size} (expected > 0)")
   buckets = tuple(tuple(b) for b in buckets) if buckets is not None else aspect_buckets(resolution)
-  if any(h % 16 or w % 16 or h <= 0 or w <= 0 for h, w in buckets):
+  if any(h % TOKEN_PIXELS or w % TOKEN_PIXELS or h <= 0 or w <= 0 for h, w in buckets):
     raise ValueError(f"buckets {buckets} (expected (height, width) pairs of positive multiples of 16)")
   max_refs = max_refs or int(dataset.metadata["max_refs"])
   if len(dataset) == 0:

@@ -1,8 +1,8 @@
 """A dataset -> a latent dataset: VAE latents and text embeddings computed once, so training never re-runs the
 encoders.
 
-Encoders are pluggable (`Encoders`): `vae:PATH` is the project's Flax VAE (a converted VAE folder) with the hashed
-stand-in text (`vae_encoders`; real text encoders are still missing), `module:attr` names your own. `REAL_ENCODERS`
+Encoders are pluggable (`encoders.Encoders`): `vae:PATH` is the project's Flax VAE (a converted VAE folder) with
+the hashed stand-in text (real text encoders are still missing), `module:attr` names your own. `REAL_ENCODERS`
 (named real image + text encoders) stays empty until the text encoders land, and the `precompute` command refuses
 to run without an explicit `--encoders`.
 
@@ -19,7 +19,6 @@ format, no pickle):
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib
 import io
@@ -36,17 +35,10 @@ from array_record.python.array_record_module import ArrayRecordWriter
 
 from sparse_context_jax.data.builder import Dataset, open_dataset
 from sparse_context_jax.data.pipeline import make_pipeline
+from sparse_context_jax.encoders.base import Encoders, unit_range
+from sparse_context_jax.model.positions import TOKEN_PIXELS
 
 LATENTS_FILE, INFO_FILE, SHAPES_FILE = "latents.array_record", "latents.json", "shapes.npy"
-
-
-@dataclasses.dataclass(frozen=True)
-class Encoders:
-  """image: (N, H, W, 3) float32 in [-1, 1] -> (N, h, w, C) latents; text: list of N captions -> dict of
-  (N, ...) arrays. `name` is recorded in the output so latents of different encoders are never mixed."""
-  name: str
-  image: Callable[[np.ndarray], np.ndarray]
-  text: Callable[[list[str]], dict[str, np.ndarray]]
 
 
 # name -> factory of real image + text encoders; empty until the Flax text encoders land (a later issue).
@@ -60,8 +52,7 @@ def load_encoders(spec: str, *, text_len: int = 32, text_dim: int = 0, pooled_di
   if spec in REAL_ENCODERS:
     return REAL_ENCODERS[spec]()
   if spec.startswith("vae:"):
-    from sparse_context_jax.data.vae_encoders import vae_encoders
-    return vae_encoders(spec[len("vae:"):], text_len=text_len, text_dim=text_dim, pooled_dim=pooled_dim)
+    return _vae_encoders(spec[len("vae:"):], text_len=text_len, text_dim=text_dim, pooled_dim=pooled_dim)
   module, _, attr = spec.partition(":")
   if not attr:
     raise ValueError(f"encoders {spec!r}: expected one of {sorted(REAL_ENCODERS)}, vae:PATH or module:attribute")
@@ -75,19 +66,36 @@ def load_encoders(spec: str, *, text_len: int = 32, text_dim: int = 0, pooled_di
   return enc
 
 
+def _vae_encoders(path: str, *, text_len: int, text_dim: int, pooled_dim: int) -> Encoders:
+  """The converted VAE at `path` with the hashed stand-in text; ValueError if `path` is not a converted VAE."""
+  from sparse_context_jax.convert import load
+  from sparse_context_jax.encoders.hashed_text import HashedText
+  from sparse_context_jax.encoders.vae import VAEImageEncoder, precompute_encoders
+  from sparse_context_jax.errors import CheckpointError
+  from sparse_context_jax.model.vae import AutoencoderKL
+  text = HashedText(text_len, text_dim, pooled_dim)
+  try:
+    vae = load(path)
+  except CheckpointError as e:
+    raise ValueError(f"encoders vae:{os.fspath(path)}: {e}") from None
+  if not isinstance(vae, AutoencoderKL):
+    raise ValueError(f"encoders vae:{os.fspath(path)}: a converted {type(vae).__name__}, not a VAE")
+  return precompute_encoders(VAEImageEncoder(vae, f"vae:{os.path.basename(os.path.abspath(path))}"), text)
+
+
 def mask_tokens(masks: np.ndarray) -> np.ndarray:
   """(..., H, W) uint8 pixel masks -> (..., H/16, W/16) float32 fraction of each patch that is nonzero."""
   *lead, H, W = masks.shape
-  inside = (masks > 0).reshape(*lead, H // 16, 16, W // 16, 16)
+  p = TOKEN_PIXELS
+  inside = (masks > 0).reshape(*lead, H // p, p, W // p, p)
   return inside.mean(axis=(-3, -1), dtype=np.float32)
 
 
 def _encode_batch(batch: dict, enc: Encoders) -> list[dict]:
   """One pipeline batch -> the latent record of each valid example."""
-  to_float = lambda x: x.astype(np.float32) / 127.5 - 1.0
-  target = np.asarray(enc.image(to_float(batch["target"])))
+  target = np.asarray(enc.image(unit_range(batch["target"])))
   valid_refs = batch["ref_valid"]
-  ref_latents = np.asarray(enc.image(to_float(batch["references"][valid_refs])))
+  ref_latents = np.asarray(enc.image(unit_range(batch["references"][valid_refs])))
   refs = np.zeros((*valid_refs.shape, *ref_latents.shape[1:]), ref_latents.dtype)
   refs[valid_refs] = ref_latents
   text = {k: np.asarray(v) for k, v in enc.text([str(c) for c in batch["caption"]]).items()}

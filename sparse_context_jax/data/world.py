@@ -21,7 +21,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-from sparse_context_jax.data.images import encode_png
+from sparse_context_jax.images import encode_png
 from sparse_context_jax.data.manifest import MAX_REFS, TASKS
 
 SHAPES = ("circle", "square", "triangle", "star")

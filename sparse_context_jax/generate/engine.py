@@ -1,9 +1,9 @@
-"""Batch generation: jobs of equal shapes share a batch and one compiled sampling program; the batch is sharded
-over the `data` axis of a device mesh.
+"""Batch generation over a `Pipeline`: jobs whose sampling programs have one signature share a batch, sharded over the
+`data` axis of the pipeline's mesh.
 
-Per job (once): reference images -> VAE tokens -> sparse packing (the job's strategy and budget, a rung of the
-bucket ladder) and seeded noise. Per batch: the whole denoising loop in one program, then the VAE decode.
-A job's result does not depend on its batch-mates: its noise comes from its own seed.
+Per job (once): reference images -> tokens (the pipeline's image encoder), the plan of its sparse request (budgets,
+rung) and the strategy's scores, seeded noise; all on the device. Per batch: the gather and the whole denoising loop
+in one program, then the decode. A job's result does not depend on its batch-mates: its noise comes from its seed.
 """
 
 from __future__ import annotations
@@ -14,27 +14,37 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from sparse_context_jax.encoders.base import PromptEmbeddings, to_uint8
 from sparse_context_jax.generate.jobs import Job
-from sparse_context_jax.model.mmdit import MMDiT
-from sparse_context_jax.model.positions import text_ids
-from sparse_context_jax.model.vae import AutoencoderKL, decode_tokens, encode_tokens
-from sparse_context_jax.programs import ProgramCache
-from sparse_context_jax.sampling import Conditioning, make_sampler, schedule_for
-from sparse_context_jax.sparse import BucketLadder, Reference, SparsePacker, SparseRequest
+from sparse_context_jax.generate.pipeline import Pipeline
+from sparse_context_jax.model.positions import token_grid
+from sparse_context_jax.programs import signature
+from sparse_context_jax.sampling import schedule_for
+from sparse_context_jax.sparse import Plan, Reference
 
 
 @dataclasses.dataclass
 class Prepared:
   job: Job
-  noise: np.ndarray          # (N, C)
-  img: np.ndarray            # (L, C) packed target + kept reference tokens + padding
-  img_ids: np.ndarray        # (L, n_axes)
-  length: int                # valid image tokens
-  bucket: float
-  kept: list[int]            # per reference
+  noise: jax.Array               # (N, C)
+  latents: list[jax.Array]       # per reference (M_i, C) tokens
+  scores: list[jax.Array]        # per reference (M_i,)
+  plan: Plan                     # budgets (1, R) and the rung
+  key: tuple                     # the sampling program's signature: jobs with equal keys share a batch
+
+  @property
+  def kept(self) -> list[int]:
+    return self.plan.budgets[0].tolist()
+
+  @property
+  def sequence(self) -> int:
+    """Image tokens of the packed sequence (target + reference slots)."""
+    return self.plan.rung.length(self.noise.shape[0])
+
+  @property
+  def valid(self) -> int:
+    return self.noise.shape[0] + int(self.plan.budgets[0].sum())
 
 
 @dataclasses.dataclass
@@ -47,87 +57,68 @@ class Result:
   batch_size: int
 
 
-def _to_uint8(x: np.ndarray) -> np.ndarray:
-  return np.clip(np.rint((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+def _optional(value, dtype=np.float32):
+  return None if value is None else np.asarray(value, dtype)
 
 
 class Generator:
-  """Holds the model, the VAE, the mesh and every compiled program (`programs()` lists their compile times)."""
+  """Runs jobs through `pipeline` in batches of `batch_size` (rounded up to a multiple of the device count)."""
 
-  def __init__(self, model: MMDiT, vae: AutoencoderKL, *, mesh: Mesh | None = None, batch_size: int = 4,
-               ladder: BucketLadder = BucketLadder(), max_refs: int | None = None):
-    cfg, vcfg = model.config, vae.config
-    if vcfg.family != cfg.family or vcfg.token_channels != cfg.in_channels or vcfg.downsample != 8:
-      raise ValueError(f"the VAE ({vcfg.family}, {vcfg.token_channels}-channel tokens, {vcfg.downsample}x "
-                       f"downsampling) does not fit the {cfg.family} transformer ({cfg.in_channels}-channel tokens; "
-                       "tokens must be 16 px)")
-    self.cfg, self.vae, self.batch_size = cfg, vae, batch_size
-    self.mesh = mesh or Mesh(np.array(jax.devices()), ("data",))
-    self.devices = self.mesh.devices.size
-    replicated = NamedSharding(self.mesh, P())
-    self.state = jax.device_put(nnx.state(model), replicated)
-    self.vae_graph, vae_state = nnx.split(vae)
-    self.vae_state = jax.device_put(vae_state, replicated)
-    self.packer = SparsePacker(cfg, ladder, max_refs)
-    self.sample = ProgramCache(make_sampler(model), "sample")
-    self.encode = ProgramCache(lambda s, x: encode_tokens(nnx.merge(self.vae_graph, s), x), "encode")
-    self.decode = ProgramCache(lambda s, t, *, h, w: decode_tokens(nnx.merge(self.vae_graph, s), t, h, w), "decode")
+  def __init__(self, pipeline: Pipeline, *, batch_size: int = 4):
+    self.pipeline, self.cfg, self.batch_size = pipeline, pipeline.cfg, batch_size
 
-  def programs(self) -> list[dict]:
-    return [{"program": cache.name, "signature": str(k[1])[:200], "compile_seconds": round(v, 3)}
-            for cache in (self.encode, self.packer.programs, self.packer.budget_programs, self.sample, self.decode)
-            for k, v in cache.compile_seconds.items()]
+  def _inputs(self, rows: list[Prepared]) -> tuple[tuple, dict]:
+    """The arguments and static values of the sampling call for the jobs `rows` (one job: its batch key)."""
+    first = rows[0].job
+    stack = lambda f: jnp.stack([f(p) for p in rows])
+    host = lambda f: None if f(first) is None else np.stack([_optional(f(p.job)) for p in rows])
+    prompt = PromptEmbeddings(host(lambda j: j.txt), host(lambda j: j.y))
+    negative = None if first.neg_txt is None else PromptEmbeddings(host(lambda j: j.neg_txt), host(lambda j: j.neg_y))
+    sigmas = jnp.asarray(schedule_for(self.cfg, rows[0].noise.shape[0], first.steps))
+    args = (stack(lambda p: p.noise), sigmas, [stack(lambda p: p.latents[i]) for i in range(len(first.references))],
+            [stack(lambda p: p.scores[i]) for i in range(len(first.references))],
+            np.concatenate([p.plan.budgets for p in rows]), prompt, negative, host(lambda j: j.guidance),
+            host(lambda j: j.cfg_scale))
+    return args, dict(rung=rows[0].plan.rung, target_grid=token_grid(first.size))
 
   # ---- per job ------------------------------------------------------------------------------------------------
   def prepare(self, job: Job) -> Prepared:
-    H, W = job.size
-    n = (H // 16) * (W // 16)
+    pipe = self.pipeline
     refs = []
     for pixels, mask in zip(job.references, job.masks):
-      tokens = self.encode(self.vae_state, jnp.asarray(pixels[None]))
-      refs.append(Reference(tokens, (H, W), pixels=pixels[None], mask=None if mask is None else mask[None]))
-    noise = np.asarray(jax.random.normal(jax.random.PRNGKey(job.seed), (n, self.cfg.in_channels), jnp.float32))
-    request = SparseRequest(job.strategy, keep=job.keep, tau=job.tau, hybrid_base=job.hybrid_base, seed=job.seed)
-    packed = self.packer(noise[None], (H, W), refs, request)
-    return Prepared(job, noise, np.asarray(packed.img[0]), np.asarray(packed.img_ids[0]),
-                    int(packed.img_lengths[0]), packed.bucket, packed.kept[0].tolist())
+      refs.append(Reference(pipe.encode_references(pixels[None]), job.size, pixels=pixels[None],
+                            mask=None if mask is None else mask[None]))
+    plan, scores = pipe.select(refs, job.request)
+    n = token_grid(job.size)[0] * token_grid(job.size)[1]
+    noise = jax.random.normal(jax.random.PRNGKey(job.seed), (n, self.cfg.in_channels), jnp.float32)
+    p = Prepared(job, noise, [r.latents[0] for r in refs], [s[0] for s in scores], plan, ())
+    args, static = self._inputs([p])
+    p.key = signature(args, static)
+    return p
 
   # ---- per batch ----------------------------------------------------------------------------------------------
-  def _shard(self, x):
-    return None if x is None else jax.device_put(x, NamedSharding(self.mesh, P("data")))
-
   def run_batch(self, batch: list[Prepared]) -> list[Result]:
-    """Jobs of one shape and bucket, padded with copies of the last job to the full batch size (rounded up to a
-    multiple of the device count), so a short last batch reuses the same compiled program."""
-    full = -(-self.batch_size // self.devices) * self.devices
+    """Jobs of one key, padded with copies of the last job to the full batch size (rounded up to a multiple of
+    the device count), so a short last batch reuses the same compiled program."""
+    pipe = self.pipeline
+    full = -(-self.batch_size // pipe.devices) * pipe.devices
     pad = batch + [batch[-1]] * (full - len(batch))
-    first = batch[0].job
-    H, W = first.size
-    n = (H // 16) * (W // 16)
-    stack = lambda f: np.stack([f(p) for p in pad])
-    optional = lambda f: None if f(first) is None else np.stack([np.asarray(f(p.job), np.float32) for p in pad])
-    cond = Conditioning(
-        refs=self._shard(stack(lambda p: p.img[n:])), img_ids=self._shard(stack(lambda p: p.img_ids)),
-        img_lengths=self._shard(np.asarray([p.length for p in pad], np.int32)),
-        txt=self._shard(stack(lambda p: p.job.txt)), txt_ids=jnp.asarray(text_ids(self.cfg, first.txt.shape[0])),
-        y=self._shard(optional(lambda j: j.y)), guidance=self._shard(optional(lambda j: j.guidance)),
-        neg_txt=self._shard(optional(lambda j: j.neg_txt)), neg_y=self._shard(optional(lambda j: j.neg_y)))
-    scale = self._shard(optional(lambda j: j.cfg))
-    sigmas = jnp.asarray(schedule_for(self.cfg, n, first.steps))
-    noise = self._shard(stack(lambda p: p.noise))
+    (noise, sigmas, latents, scores, budgets, prompt, negative, guidance, scale), static = self._inputs(pad)
+    shard = lambda tree: jax.tree.map(pipe.shard, tree)
     t0 = time.perf_counter()
-    latents = self.sample(self.state, noise, sigmas, cond, scale)
-    pixels = jax.block_until_ready(self.decode(self.vae_state, latents, h=H, w=W))
+    out = pipe.generate(shard(noise), sigmas, shard(latents), shard(scores), shard(budgets), shard(prompt),
+                        shard(negative), shard(guidance), shard(scale), **static)
+    pixels = jax.block_until_ready(pipe.decode(out, batch[0].job.size))
     seconds = time.perf_counter() - t0
-    latents, pixels = np.asarray(latents), _to_uint8(pixels)
-    return [Result(p.job, pixels[i], latents[i], p, seconds, len(batch)) for i, p in enumerate(batch)]
+    out, pixels = np.asarray(out), to_uint8(pixels)
+    return [Result(p.job, pixels[i], out[i], p, seconds, len(batch)) for i, p in enumerate(batch)]
 
   def run(self, jobs: list[Job], progress=None):
-    """Yields results batch by batch; jobs are grouped by shape and bucket (sequence length)."""
-    prepared = [self.prepare(j) for j in jobs]
+    """Yields results batch by batch; jobs are grouped by the signature of their sampling program."""
     groups: dict[tuple, list[Prepared]] = {}
-    for p in prepared:
-      groups.setdefault(p.job.shape_key() + (len(p.img),), []).append(p)
+    for job in jobs:
+      p = self.prepare(job)
+      groups.setdefault(p.key, []).append(p)
     for group in groups.values():
       for i in range(0, len(group), self.batch_size):
         results = self.run_batch(group[i:i + self.batch_size])

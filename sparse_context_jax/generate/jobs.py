@@ -10,8 +10,8 @@
      "steps": 4, "guidance": 3.5, "cfg": 4.0, "seed": 0,
      "output": "out/cat.png"}
 
-Relative paths are relative to the JSONL file's folder. Text encoders arrive with a later issue; until then
-prompts are embedding files.
+Relative paths are relative to the JSONL file's folder. Prompts are embedding files (`.npz`). Every job, from a
+file or from code, is built by `make_job`, which checks what depends on the model.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from sparse_context_jax.data.buckets import resize_crop
-from sparse_context_jax.data.images import ImageError, load_image, load_mask
+from sparse_context_jax.encoders.base import unit_range
+from sparse_context_jax.images import ImageError, load_image, load_mask, resize_crop
 from sparse_context_jax.model.config import MMDiTConfig
-from sparse_context_jax.sparse.scores import STRATEGIES
+from sparse_context_jax.model.positions import TOKEN_PIXELS
+from sparse_context_jax.sparse.pack import SparseRequest
 
 TASK_STRATEGY = {"editing": ("hybrid", "edge"), "composition": ("hybrid", "saliency")}
 FIELDS = {"prompt", "references", "masks", "task", "strategy", "keep", "tau", "size", "steps", "guidance", "cfg",
@@ -35,28 +36,19 @@ FIELDS = {"prompt", "references", "masks", "task", "strategy", "keep", "tau", "s
 @dataclasses.dataclass
 class Job:
   line: int
-  output: Path
+  output: Path | None
   txt: np.ndarray                  # (T, context_dim) float32
   y: np.ndarray | None
   neg_txt: np.ndarray | None
   neg_y: np.ndarray | None
   references: list[np.ndarray]     # each (H, W, 3) float32 in [-1, 1], resized to the target size
   masks: list[np.ndarray | None]   # each (H, W) bool or None
-  strategy: str
-  hybrid_base: str
-  keep: float | None
-  tau: float | None
+  request: SparseRequest           # how the references are thinned (strategy, budget, seed of `random`)
   size: tuple[int, int]
   steps: int
   guidance: float | None
-  cfg: float | None
+  cfg_scale: float | None          # true classifier-free guidance with the negative prompt
   seed: int
-
-  def shape_key(self) -> tuple:
-    """Jobs with equal keys can share one batch (and one compiled program, given the same bucket)."""
-    return (self.size, len(self.references), self.steps, self.txt.shape, self.y is not None,
-            self.guidance is not None, self.cfg is not None, self.strategy, self.hybrid_base,
-            tuple(m is not None for m in self.masks))
 
 
 @dataclasses.dataclass
@@ -92,7 +84,27 @@ def _load_embeddings(path: Path, cfg: MMDiTConfig) -> dict[str, np.ndarray | Non
     raise ValueError(f"prompt {path}: this FLUX.1 model needs a pooled vector y ({cfg.pooled_dim},)")
   if "neg_txt" in arrays and arrays["neg_txt"].shape != arrays["txt"].shape:
     raise ValueError(f"prompt {path}: neg_txt {arrays['neg_txt'].shape} must match txt {arrays['txt'].shape}")
-  return {k: arrays.get(k) for k in ("txt", "y", "neg_txt", "neg_y")}
+  return {k: arrays[k] for k in ("txt", "y", "neg_txt", "neg_y") if k in arrays}
+
+
+def make_job(cfg: MMDiTConfig, *, line: int, output: Path | None, embeddings: dict, references: list[np.ndarray],
+             masks: list[np.ndarray | None], request: SparseRequest, size: tuple[int, int], steps: int = 28,
+             guidance: float | None = None, cfg_scale: float | None = None, seed: int = 0) -> Job:
+  """A job from its parts (the one constructor, for job files and code alike); ValueError on what does not fit the
+  model. embeddings: txt (T, D), and y / neg_txt / neg_y as the model and the CFG need."""
+  if guidance is not None and not cfg.guidance_embed:
+    raise ValueError("guidance given, but this model has no guidance embedder (use cfg for true CFG)")
+  if guidance is None and cfg.guidance_embed:
+    guidance = 3.5
+  if cfg_scale is not None and embeddings.get("neg_txt") is None:
+    raise ValueError("cfg needs a negative prompt: neg_txt in the prompt embeddings")
+  if len(masks) != len(references):
+    raise ValueError(f"{len(masks)} masks for {len(references)} references")
+  neg_y = embeddings.get("neg_y")
+  return Job(line=line, output=output, txt=embeddings["txt"], y=embeddings.get("y"),
+             neg_txt=embeddings.get("neg_txt"), neg_y=neg_y if neg_y is not None else embeddings.get("y"),
+             references=references, masks=masks, request=request, size=tuple(size), steps=steps, guidance=guidance,
+             cfg_scale=cfg_scale, seed=seed)
 
 
 def parse_job(d, line: int, base: Path, cfg: MMDiTConfig, max_refs: int, force: bool) -> Job:
@@ -108,50 +120,40 @@ def parse_job(d, line: int, base: Path, cfg: MMDiTConfig, max_refs: int, force: 
   if output.exists() and not force:
     raise ValueError(f"output {output} exists (pass --force to overwrite)")
   size = d.get("size", [512, 512])
-  if (not isinstance(size, list) or len(size) != 2 or any(not isinstance(s, int) or s <= 0 or s % 16 for s in size)):
-    raise ValueError(f"size={size!r} must be [H, W], positive multiples of 16")
+  if (not isinstance(size, list) or len(size) != 2
+      or any(not isinstance(s, int) or s <= 0 or s % TOKEN_PIXELS for s in size)):
+    raise ValueError(f"size={size!r} must be [H, W], positive multiples of {TOKEN_PIXELS}")
   refs = d["references"]
   if not isinstance(refs, list) or not 1 <= len(refs) <= max_refs:
     raise ValueError(f"references must be a list of 1 to {max_refs} image paths"
                      + (" (FLUX.1 Kontext takes one)" if cfg.family == "flux1" else ""))
   masks = d.get("masks") or [None] * len(refs)
-  if len(masks) != len(refs):
-    raise ValueError(f"{len(masks)} masks for {len(refs)} references")
   task = d.get("task", "editing")
   if task not in TASK_STRATEGY:
     raise ValueError(f"task={task!r}; expected one of {sorted(TASK_STRATEGY)}")
-  strategy, hybrid_base = d.get("strategy", TASK_STRATEGY[task][0]), TASK_STRATEGY[task][1]
-  if strategy not in STRATEGIES:
-    raise ValueError(f"strategy={strategy!r}; expected one of {STRATEGIES}")
   if "keep" in d and "tau" in d:
     raise ValueError("give keep or tau, not both")
   keep, tau = _number(d, "keep", float, None, 1e-9, 1.0), _number(d, "tau", float, None, 1e-9, 1.0)
   if keep is None and tau is None:
-    keep = 1.0
-  guidance = _number(d, "guidance", float, 3.5 if cfg.guidance_embed else None, 0.0)
-  if guidance is not None and not cfg.guidance_embed:
-    raise ValueError("guidance given, but this model has no guidance embedder (use cfg for true CFG)")
-  emb = _load_embeddings(base / d["prompt"], cfg)
-  cfg_scale = _number(d, "cfg", float, None, 0.0)
-  if cfg_scale is not None and emb["neg_txt"] is None:
-    raise ValueError(f"cfg needs a negative prompt: neg_txt in {d['prompt']}")
+    keep = 1.0   # dense references
+  seed = _number(d, "seed", int, 0, 0)
+  request = SparseRequest(d.get("strategy", TASK_STRATEGY[task][0]), keep=keep, tau=tau,
+                          hybrid_base=TASK_STRATEGY[task][1], seed=seed)
+  guidance, cfg_scale = _number(d, "guidance", float, None, 0.0), _number(d, "cfg", float, None, 0.0)
+  embeddings = _load_embeddings(base / d["prompt"], cfg)
   H, W = size
   pixels, mask_arrays = [], []
   for i, (r, m) in enumerate(zip(refs, masks)):
     try:
-      img = resize_crop(load_image(base / r), (H, W))
-      pixels.append(img.astype(np.float32) / 127.5 - 1.0)
+      pixels.append(unit_range(resize_crop(load_image(base / r), (H, W))))
       mask_arrays.append(None if m is None else resize_crop(load_mask(base / m), (H, W)) > 127)
     except ImageError as e:
       raise ValueError(f"reference {i} ({r if m is None else r + ' / ' + m}): {e}") from None
-  needs_mask = strategy == "mask" or (strategy == "hybrid" and hybrid_base == "mask")
-  if needs_mask and any(m is None for m in mask_arrays):
-    raise ValueError(f"strategy {strategy!r} needs a mask for every reference")
-  return Job(line=line, output=output, txt=emb["txt"], y=emb["y"], neg_txt=emb["neg_txt"],
-             neg_y=emb["neg_y"] if emb["neg_y"] is not None else emb["y"], references=pixels, masks=mask_arrays,
-             strategy=strategy, hybrid_base=hybrid_base, keep=keep, tau=tau, size=(H, W),
-             steps=_number(d, "steps", int, 28, 1, 1000), guidance=guidance, cfg=cfg_scale,
-             seed=_number(d, "seed", int, 0, 0))
+  if "mask" in request.strategies and any(m is None for m in mask_arrays):
+    raise ValueError(f"strategy {request.strategy!r} needs a mask for every reference")
+  return make_job(cfg, line=line, output=output, embeddings=embeddings, references=pixels, masks=mask_arrays,
+                  request=request, size=(H, W), steps=_number(d, "steps", int, 28, 1, 1000), guidance=guidance,
+                  cfg_scale=cfg_scale, seed=seed)
 
 
 def read_jobs(path: str | Path, cfg: MMDiTConfig, max_refs: int, force: bool = False):

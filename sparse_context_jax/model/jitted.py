@@ -6,7 +6,7 @@ import jax
 from flax import nnx
 
 from sparse_context_jax.model.mmdit import MMDiT
-from sparse_context_jax.programs import ProgramCache
+from sparse_context_jax.programs import ModuleProgram
 
 
 def flops(program) -> float:
@@ -32,23 +32,20 @@ class JittedMMDiT:
 
   def __init__(self, model: MMDiT):
     self.config = model.config
-    self.graphdef, self.state = nnx.split(model)
-    self.programs = ProgramCache(self._forward, "mmdit")
-    self._unrolled = None   # graphdef with unrolled block stacks, for `flops`
-
-  def _forward(self, state, inputs):
-    return nnx.merge(self.graphdef, state)(**inputs)
+    self.forward = ModuleProgram(model, lambda m, inputs: m(**inputs), "mmdit")
+    self.graphdef, self.state, self.programs = self.forward.graphdef, self.forward.state, self.forward.programs
+    self._unrolled = None   # the same call with unrolled block stacks, for `flops`
 
   @staticmethod
   def _inputs(kw) -> dict:
     return {k: v for k, v in kw.items() if v is not None}
 
   def __call__(self, **kw) -> jax.Array:
-    return self.programs(self.state, self._inputs(kw))
+    return self.forward(self._inputs(kw))
 
   def compiled(self, **kw):
     """The compiled program for these inputs (compiling it if needed), e.g. for `flops(...)`."""
-    return self.programs.compiled(self.state, self._inputs(kw))
+    return self.forward.compiled(self._inputs(kw))
 
   def flops(self, **kw) -> float:
     """XLA's FLOP count of the call for these inputs, every layer counted: the program is lowered (not compiled,
@@ -56,10 +53,9 @@ class JittedMMDiT:
     if self._unrolled is None:
       model = nnx.merge(self.graphdef, self.state)
       model.scan_layers = False
-      self._unrolled = nnx.split(model)[0]
-    lowered = jax.jit(lambda state, inputs: nnx.merge(self._unrolled, state)(**inputs)).lower(
-        self.state, self._inputs(kw))
-    return flops(lowered)
+      self._unrolled = ModuleProgram(model, lambda m, inputs: m(**inputs), "mmdit_unrolled")
+    inputs = self._inputs(kw)
+    return flops(self._unrolled.programs.jit(self.state, inputs).lower(self.state, inputs))
 
   def compile_seconds(self, **kw) -> float:
-    return self.programs.seconds_to_compile(self.state, self._inputs(kw))
+    return self.forward.seconds_to_compile(self._inputs(kw))

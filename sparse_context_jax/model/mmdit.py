@@ -29,6 +29,8 @@ def _stacked(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> 
   if n == 0:
     return None
 
+  # PARTITION_NAME None: the new leading layer axis is recorded in each parameter's metadata as unsharded, so
+  # shardings built from the metadata (and the optimizer's view of it) know the axis exists and never split it.
   @nnx.split_rngs(splits=n)
   @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
   def create(r):
@@ -106,7 +108,7 @@ class MMDiT(nnx.Module):
       (B, L, out_channels) in the compute dtype.
     """
     cfg = self.config
-    B, L, T = img.shape[0], img.shape[1], txt.shape[1]
+    L, T = img.shape[1], txt.shape[1]
     img_ids, txt_ids = self._check_inputs(img, txt, timesteps, img_ids, txt_ids, y, guidance, img_lengths)
 
     kv_len = None
@@ -149,6 +151,8 @@ class MMDiT(nnx.Module):
       return step(nnx.merge(graphdef, layer_state), carry), None
 
     if self.remat != "none":
+      # Under scan XLA cannot merge the recomputation with the forward pass across iterations, so CSE prevention
+      # would only block optimisations there; unrolled blocks need it.
       body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
     if self.scan_layers:
       return jax.lax.scan(body, carry, state)[0]

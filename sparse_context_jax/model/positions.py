@@ -1,8 +1,10 @@
-"""Position ids of FLUX tokens (flux_arch.md 1.6 and 2.3).
+"""Image tokens and their position ids.
 
-FLUX.1: text (0, 0, 0); target (0, r, c); Kontext reference (1, r, c).
-FLUX.2: text (0, 0, 0, l); target (0, r, c, 0); reference i (10 + 10 i, r, c, 0).
-Every image grid restarts at (0, 0), whatever its size.
+A FLUX image token covers TOKEN_PIXELS x TOKEN_PIXELS = 16 x 16 pixels: the VAE downsamples 8x and the
+transformer packs 2x2 latents into one token.
+
+Position ids: FLUX.1: text (0, 0, 0); target (0, r, c); Kontext reference (1, r, c). FLUX.2: text (0, 0, 0, l);
+target (0, r, c, 0); reference i (10 + 10 i, r, c, 0). Every image grid restarts at (0, 0), whatever its size.
 """
 
 from __future__ import annotations
@@ -10,6 +12,14 @@ from __future__ import annotations
 import numpy as np
 
 from sparse_context_jax.model.config import MMDiTConfig
+
+
+TOKEN_PIXELS = 16
+
+
+def token_grid(size) -> tuple[int, int]:
+  """(H, W) pixels -> (h, w) tokens (the caller has checked that H and W are multiples of TOKEN_PIXELS)."""
+  return int(size[0]) // TOKEN_PIXELS, int(size[1]) // TOKEN_PIXELS
 
 
 def reference_index(cfg: MMDiTConfig, i: int) -> int:

@@ -1,4 +1,4 @@
-"""FLUX.1 `AutoencoderKL` and FLUX.2 `AutoencoderKLFlux2` in Flax NNX (flux_arch.md section 4), NHWC.
+"""FLUX.1 `AutoencoderKL` and FLUX.2 `AutoencoderKLFlux2` in Flax NNX, NHWC.
 
 Encoder: conv_in -> levels of ResNet blocks (each but the last ends in a stride-2 downsample) -> mid block (ResNet,
 single-head attention over H*W, ResNet) -> GroupNorm, SiLU, conv_out (2 x latent channels: mean and log-variance).
@@ -283,25 +283,46 @@ def unpack(tokens: jax.Array, h: int, w: int) -> jax.Array:
   return z.reshape(B, h, w, C4 // 4)
 
 
+def _latent_stats(vae: AutoencoderKL) -> tuple[jax.Array, jax.Array]:
+  """FLUX.2's BatchNorm statistics, kept per packed channel (c * 4 + py * 2 + px), laid out as (2, 1, 2, C): the
+  sub-position (py, px) of a latent inside its 2x2 token, so latents normalise without being packed."""
+  C = vae.config.latent_channels
+  to_grid = lambda a: a.reshape(C, 2, 2).transpose(1, 2, 0)[:, None, :, :]
+  return to_grid(vae.bn_mean[...]), to_grid(jnp.sqrt(vae.bn_var[...] + vae.config.batch_norm_eps))
+
+
+def _per_token_position(z: jax.Array, f) -> jax.Array:
+  """Applies `f(z6)` to z (B, h, w, C) viewed as (B, h/2, 2, w/2, 2, C) (the 2x2 position inside a token)."""
+  B, h, w, C = z.shape
+  return f(z.reshape(B, h // 2, 2, w // 2, 2, C)).reshape(B, h, w, C)
+
+
+def encode_latents(vae: AutoencoderKL, images: jax.Array) -> jax.Array:
+  """Images (B, H, W, 3) in [-1, 1], H and W multiples of 16 -> normalised latents (B, H/8, W/8, C), unpacked."""
+  cfg = vae.config
+  z = vae.encode(images).astype(jnp.float32)
+  if cfg.family == "flux1":
+    return (z - cfg.shift_factor) * cfg.scaling_factor
+  mean, std = _latent_stats(vae)
+  return _per_token_position(z, lambda z6: (z6 - mean) / std)
+
+
 def encode_tokens(vae: AutoencoderKL, images: jax.Array) -> jax.Array:
   """Images (B, H, W, 3) in [-1, 1], H and W multiples of 16 -> normalised packed tokens (B, H W / 256, 4C)."""
-  cfg = vae.config
-  tokens = pack(vae.encode(images).astype(jnp.float32))
-  if cfg.family == "flux1":
-    return (tokens - cfg.shift_factor) * cfg.scaling_factor
-  return (tokens - vae.bn_mean[...]) / jnp.sqrt(vae.bn_var[...] + cfg.batch_norm_eps)
+  return pack(encode_latents(vae, images))
 
 
 def decode_tokens(vae: AutoencoderKL, tokens: jax.Array, height: int, width: int) -> jax.Array:
   """Inverse of `encode_tokens`: tokens of an H x W image -> pixels (B, H, W, 3)."""
   cfg = vae.config
-  tokens = tokens.astype(jnp.float32)
-  if cfg.family == "flux1":
-    tokens = tokens / cfg.scaling_factor + cfg.shift_factor
-  else:
-    tokens = tokens * jnp.sqrt(vae.bn_var[...] + cfg.batch_norm_eps) + vae.bn_mean[...]
   f = cfg.downsample
-  return vae.decode(unpack(tokens, height // f, width // f))
+  z = unpack(tokens.astype(jnp.float32), height // f, width // f)
+  if cfg.family == "flux1":
+    z = z / cfg.scaling_factor + cfg.shift_factor
+  else:
+    mean, std = _latent_stats(vae)
+    z = _per_token_position(z, lambda z6: z6 * std + mean)
+  return vae.decode(z)
 
 
 def count_vae_params(cfg: VAEConfig) -> int:

@@ -35,7 +35,7 @@ def mesh_shape(sizes: Sequence[int], num_devices: int) -> tuple[int, ...]:
 
 def make_mesh(sizes: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A `Mesh` over `devices` (default: all) with axes `AXES`. Built as `Mesh(devices, names)` so the axes are
-  Auto-typed (explicit axes clash with `jax.jit(in_shardings=...)`, see jax_stack.md)."""
+  Auto-typed (explicit axes clash with `jax.jit(in_shardings=...)`)."""
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(sizes, len(devices))
   if len(devices) == len(jax.devices()):

@@ -12,7 +12,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 
 @dataclasses.dataclass
@@ -77,14 +76,3 @@ def denoise(model, noise: jax.Array, sigmas: jax.Array, cond: Conditioning, cfg_
     return x + (sigmas[i + 1] - sigmas[i]) * v, None
 
   return jax.lax.scan(step, noise.astype(jnp.float32), jnp.arange(sigmas.shape[0] - 1))[0]
-
-
-def make_sampler(model):
-  """`sample(state, noise, sigmas, cond, cfg_scale=None)`: a pure function of the model state for `jax.jit`
-  (the state is an argument, never a closed-over constant, so new prompts, seeds and references never recompile)."""
-  graphdef, _ = nnx.split(model)
-
-  def sample(state, noise, sigmas, cond, cfg_scale=None):
-    return denoise(nnx.merge(graphdef, state), noise, sigmas, cond, cfg_scale)
-
-  return sample

@@ -1,4 +1,4 @@
-"""Flow-matching noise schedules of FLUX.1 and FLUX.2 (flux_arch.md section 5).
+"""Flow-matching noise schedules of FLUX.1 and FLUX.2.
 
 Sigmas run from 1 (pure noise) down to 0: `linspace(1, 1/N, N)`, shifted by `exp(mu) / (exp(mu) + (1/t - 1))`,
 then a final 0. The shift `mu` depends on the target token count N (references excluded): linear in N for

@@ -4,12 +4,17 @@
     x = packer(target_latents, (H, W), [Reference(latents, (h, w), pixels=img)], SparseRequest("edge", keep=0.25))
     out = model(x.img, txt, t, x.img_ids, txt_ids, img_lengths=x.img_lengths)
     velocity = x.target(out)
+
+Inside a larger program (training, evaluation): `BucketLadder.at(ratio, grids)` gives the rung, and
+`pack_references` + `with_target` the model inputs.
 """
 
-from sparse_context_jax.sparse.buckets import DEFAULT_RATIOS, BucketLadder
+from sparse_context_jax.sparse.buckets import DEFAULT_RATIOS, BucketLadder, Rung
 from sparse_context_jax.sparse.compare import Comparison, compare_dense_sparse
-from sparse_context_jax.sparse.pack import PackedInputs, Reference, SparsePacker, SparseRequest, dense_inputs
+from sparse_context_jax.sparse.pack import (PackedInputs, PackedReferences, Plan, Reference, SparsePacker,
+                                            SparseRequest, dense_inputs, pack_references, with_target)
 from sparse_context_jax.sparse.scores import STRATEGIES
 
-__all__ = ["BucketLadder", "Comparison", "DEFAULT_RATIOS", "compare_dense_sparse", "PackedInputs", "Reference", "STRATEGIES", "SparsePacker",
-           "SparseRequest", "dense_inputs"]
+__all__ = ["BucketLadder", "Comparison", "DEFAULT_RATIOS", "PackedInputs", "PackedReferences", "Plan", "Reference",
+           "Rung", "STRATEGIES", "SparsePacker", "SparseRequest", "compare_dense_sparse", "dense_inputs",
+           "pack_references", "with_target"]

@@ -1,7 +1,8 @@
-"""Token scores of one reference, per selection strategy (method.md section 2.2). Pure JAX, jittable.
+"""Token scores of one reference, per selection strategy. Pure JAX, jittable.
 
-Every function returns scores `(B, M)` over the reference's tokens in raster order (M = h * w); higher is kept
-first. A token covers a 16x16-pixel patch (8x8 VAE latent x 2x2 packing), so pixel inputs are `(B, 16h, 16w, ...)`.
+A strategy produces scores and nothing else: `strategy_scores` returns `(B, M)` over the reference's tokens in
+raster order (M = h * w), higher kept first; `budget_mass` what an adaptive budget measures. A token covers a
+16x16-pixel patch (8x8 VAE latent x 2x2 packing), so pixel inputs are `(B, 16h, 16w, ...)`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-PATCH = 16
 STRATEGIES = ("random", "grid", "edge", "saliency", "mask", "hybrid")
 HYBRID_BASES = ("edge", "saliency", "mask")
 
@@ -137,3 +137,36 @@ def hybrid_scores(base: jax.Array, grid: tuple[int, int], grid_share: float) -> 
       jnp.broadcast_to(jnp.arange(m, dtype=jnp.float32), (B, m)))
   time = jnp.minimum(rank_grid / max(grid_share, 1e-9), rank_base / max(1.0 - grid_share, 1e-9))
   return -time
+
+
+def strategy_scores(strategy: str, ref: dict, grid: tuple[int, int], key, hybrid_base: str = "edge",
+                    grid_share: float = 0.25) -> jax.Array:
+  """(B, M) scores of one reference under `strategy`; `ref` holds `latents` (B, M, C) and the `pixels` / `mask`
+  the strategy reads; `key` drives `random`."""
+  batch = ref["latents"].shape[0]
+  if strategy == "random":
+    return random_scores(key, batch, grid)
+  if strategy == "grid":
+    return grid_scores(batch, grid)
+  if strategy == "edge":
+    return edge_scores(ref["pixels"], grid)
+  if strategy == "saliency":
+    return saliency_scores(ref["pixels"], grid)
+  if strategy == "mask":
+    return mask_scores(ref["mask"], grid)
+  if strategy == "hybrid":
+    return hybrid_scores(strategy_scores(hybrid_base, ref, grid, key), grid, grid_share)
+  raise ValueError(f"strategy {strategy!r} unknown; expected one of {STRATEGIES}")
+
+
+def budget_mass(strategy: str, ref: dict, grid: tuple[int, int], hybrid_base: str = "edge") -> jax.Array:
+  """(B, M) information of each token, what an adaptive budget measures: the base scores for edge and saliency
+  (hybrid: its base's), the mask's coverage (not its ranking scores), uniform for random and grid (so tau acts as
+  a keep ratio)."""
+  if strategy == "hybrid":
+    strategy = hybrid_base
+  if strategy in ("edge", "saliency"):
+    return strategy_scores(strategy, ref, grid, None)
+  if strategy == "mask":
+    return mask_coverage(ref["mask"], grid)
+  return jnp.ones((ref["latents"].shape[0], grid[0] * grid[1]), jnp.float32)

@@ -1,4 +1,4 @@
-"""Budgets and top-k selection at a static capacity (method.md sections 2.2-2.3). Pure JAX, jittable.
+"""Budgets and top-k selection at a static capacity. Pure JAX, jittable.
 
 A reference of M tokens is reduced to `capacity` slots (static: one compiled shape per bucket); the first
 `budget[b]` slots of example b hold its kept tokens in raster order, the rest are invalid (padding).

@@ -1,4 +1,4 @@
-"""Fine-tuning with random-ratio reference-token dropping (method.md section 2.4).
+"""Fine-tuning with random-ratio reference-token dropping.
 
 - `config`: load `configs/FILE.py:ARG`, apply `--config.key=value` overrides, validate before any compile.
 - `standin`: stand-in encoders for the local mode (pixel tokens, hashed caption embedding).

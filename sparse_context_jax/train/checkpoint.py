@@ -12,7 +12,7 @@ import os
 import orbax.checkpoint as ocp
 
 # The project's one checkpoint error (also raised by `load_model` when a run starts from a converted checkpoint).
-from sparse_context_jax.convert.state_dict import CheckpointError  # noqa: F401
+from sparse_context_jax.errors import CheckpointError  # noqa: F401
 
 
 class RunCheckpoints:

@@ -14,7 +14,6 @@ from pathlib import Path
 import ml_collections
 
 from sparse_context_jax.model.config import MMDiTConfig, preset
-from sparse_context_jax.sparse.buckets import BucketLadder
 
 
 class ConfigError(ValueError):
@@ -108,6 +107,7 @@ def model_config(config) -> MMDiTConfig:
 def validate(config, num_devices: int, num_processes: int = 1) -> None:
   """Raises `ConfigError` on the first problem a run would hit; needs no model, data or compile."""
   from sparse_context_jax.parallel.mesh import mesh_shape
+  from sparse_context_jax.train.objective import ladder
   model_config(config)
   for key in ("dtype", "param_dtype"):
     if config.model[key] not in ("float32", "bfloat16"):
@@ -139,7 +139,7 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
     raise ConfigError(f"train.ema_decay={t.ema_decay} (expected 0 <= decay < 1; 0 disables EMA)")
   o = config.objective
   try:
-    BucketLadder(tuple(o.ladder))
+    ladder(o)
   except ValueError as e:
     raise ConfigError(f"objective.ladder: {e}") from None
   if o.keep_dist not in ("ladder", "uniform"):

@@ -6,9 +6,10 @@ batches = fixed_batches(write_world(config, path, seed=1), config, count=32)   #
 scores = psnr_scores(state["params"], batches, config, setup.graphdef, keep=0.25, steps=16)
 scores["all"], scores["editing"], scores["composition"]                         # mean PSNR in dB
 ```
-`generate` is the pure, jittable core: Euler sampling of the target tokens (sampling/euler.py) with the
-references packed by the sparse packer's traced core, random tokens kept at the keep ratio, as in training.
-The host functions compile it once per (keep ratio, Euler steps, batch shape), counted by `PROGRAMS.count`.
+Generation goes through the generation `Pipeline` with the run's encoders and the run's current parameters
+(`generate(..., params=...)`): random reference tokens kept at the keep ratio, the training distribution. One
+pipeline per model graph, so its `generate` program compiles once per (keep ratio, Euler steps, batch shape) across
+calls; `PROGRAMS.count` counts those programs.
 """
 
 from __future__ import annotations
@@ -23,45 +24,34 @@ from flax import nnx
 from sparse_context_jax.data.manifest import TASKS
 from sparse_context_jax.data.pipeline import make_pipeline
 from sparse_context_jax.data.world import psnr
-from sparse_context_jax.model.positions import text_ids
-from sparse_context_jax.programs import ProgramCache
-from sparse_context_jax.sampling.euler import Conditioning, denoise
+from sparse_context_jax.encoders import PromptEmbeddings
+from sparse_context_jax.generate.pipeline import Pipeline
 from sparse_context_jax.sampling.schedule import flux1_mu, sigmas
-from sparse_context_jax.sparse.pack import SparsePacker
-from sparse_context_jax.sparse.select import fixed_budget
-from sparse_context_jax.train import config as C
-from sparse_context_jax.train.standin import HashedText, host_batch, pixels_from_tokens
+from sparse_context_jax.sparse.buckets import rung_at
+from sparse_context_jax.sparse.scores import random_scores
+from sparse_context_jax.train.batches import pixel_batch, run_encoders
+from sparse_context_jax.train.config import model_config
+
+_PIPELINES: dict = {}   # (graphdef, encoder names) -> Pipeline
 
 
-def generate(params, batch: dict, key: jax.Array, sigma: jax.Array, *, graphdef: nnx.GraphDef, ratio: float,
-             grid: tuple[int, int], guidance: float = 1.0) -> jax.Array:
-  """(B, N, C) float32 target tokens sampled from noise (pure; jit it with graphdef, ratio and grid static).
+class _Programs:
+  """The count of evaluation's `generate` programs, over every model graph evaluated so far."""
 
-  params: the model's pure parameter dict (`state["params"]`); batch: `standin.host_batch`'s dict (its `target`
-  gives only the shape; `refs`, `ref_valid`, `txt` and `y` condition); key: the noise and the kept tokens (`ratio`
-  of each reference's tokens at random, the training distribution; 1.0 keeps them all); sigma: (steps + 1,) noise
-  levels from 1 to 0; grid: (h, w) token grid of the target and of every reference.
-  """
-  model = nnx.merge(graphdef, params)
-  cfg = model.config
-  B, N, C = batch["target"].shape
-  R, M = batch["refs"].shape[1], batch["refs"].shape[2]
-  k_noise, k_drop = jax.random.split(key)
-  noise = jax.random.normal(k_noise, (B, N, C), jnp.float32)
-  capacity = fixed_budget(ratio, M)
-  budgets = jnp.where(batch["ref_valid"], capacity, 0).astype(jnp.int32)
-  refs = [{"latents": batch["refs"][:, i].astype(jnp.float32)} for i in range(R)]
-  # The packer's traced core, as in the train step: [target | kept tokens of every reference | padding].
-  img, img_ids, lengths = SparsePacker(cfg).pack_traced(noise, refs, budgets, k_drop, target_grid=grid,
-                                                        capacities=(capacity,) * R, grids=(grid,) * R)
-  cond = Conditioning(refs=img[:, N:], img_ids=img_ids, txt=batch["txt"],
-                      txt_ids=jnp.asarray(text_ids(cfg, batch["txt"].shape[1])), img_lengths=lengths,
-                      y=batch["y"] if cfg.pooled_dim else None,
-                      guidance=jnp.full((B,), guidance, jnp.float32) if cfg.guidance_embed else None)
-  return denoise(model, noise, sigma, cond)
+  @property
+  def count(self) -> int:
+    return sum(p.sampler.programs.count for p in _PIPELINES.values())
 
 
-PROGRAMS = ProgramCache(generate, "generate")
+PROGRAMS = _Programs()
+
+
+def _pipeline(params, graphdef: nnx.GraphDef, config) -> Pipeline:
+  image, text = run_encoders(config, model_config(config))
+  key = (graphdef, image.name, text.name)
+  if key not in _PIPELINES:
+    _PIPELINES[key] = Pipeline(nnx.merge(graphdef, params), image, text)
+  return _PIPELINES[key]
 
 
 def eval_sigmas(config, n_tokens: int, steps: int) -> np.ndarray:
@@ -104,25 +94,33 @@ def fixed_batches(path: str, config, count: int) -> list[dict]:
 def psnr_scores(params, batches: list[dict], config, graphdef: nnx.GraphDef, *, keep: float = 1.0,
                 steps: int = 16, seed: int = 0) -> dict[str, float]:
   """Mean PSNR (dB) of the generated targets against the ground truth over the valid examples of `batches`, in
-  pixels at the tokens' resolution (`pixels_from_tokens`; the ground truth pooled the same way, so a perfect
-  model scores inf): {"all": ..., task name: ...} for the tasks present. The noise and kept tokens of batch i come
-  from (seed, i): the same params and batches always give the same numbers."""
+  pixels at the tokens' resolution (the image encoder's `decode`; the ground truth encoded and decoded the same
+  way, so a perfect model scores inf): {"all": ..., task name: ...} for the tasks present. The noise and kept
+  tokens of batch i come from (seed, i): the same params and batches always give the same numbers."""
   if not 0 < keep <= 1:
     raise ValueError(f"keep ratio {keep} is outside (0, 1]")
-  cfg = C.model_config(config)
-  text = HashedText(config.data.txt_len, cfg.context_dim, cfg.pooled_dim)
+  cfg = model_config(config)
+  pipe = _pipeline(params, graphdef, config)
   per_task: dict[str, list[float]] = {}
   for i, raw in enumerate(batches):
-    H, W = raw["target"].shape[1:3]
-    batch = {k: jnp.asarray(v) for k, v in host_batch(raw, cfg, text).items()}
-    sigma = jnp.asarray(eval_sigmas(config, batch["target"].shape[1], steps))
+    size = raw["target"].shape[1:3]
+    batch, grid = pixel_batch(raw, cfg, pipe.image, pipe.text)
+    B, R = batch["refs"].shape[:2]
+    rung = rung_at(keep, (grid,) * R)   # keep * tokens of each reference, at random: the training distribution
     key = jax.random.fold_in(jax.random.key(seed), i)
-    out = PROGRAMS(params, batch, key, sigma, graphdef=graphdef, ratio=float(keep), grid=(H // 16, W // 16),
-                   guidance=float(config.objective.guidance))
-    made = pixels_from_tokens(np.asarray(out), H, W)
-    truth = pixels_from_tokens(np.asarray(batch["target"]), H, W)
+    k_noise, k_drop = jax.random.split(key)
+    noise = jax.random.normal(k_noise, batch["target"].shape, jnp.float32)
+    scores = [random_scores(k, B, grid) for k in jax.random.split(k_drop, R)]
+    budgets = np.where(batch["ref_valid"], rung.capacities, 0).astype(np.int32)
+    prompt = PromptEmbeddings(batch["txt"], batch.get("y"))
+    guidance = np.full((B,), config.objective.guidance, np.float32) if cfg.guidance_embed else None
+    out = pipe.generate(noise, jnp.asarray(eval_sigmas(config, grid[0] * grid[1], steps)),
+                        [batch["refs"][:, r] for r in range(R)], scores, budgets, prompt, guidance=guidance,
+                        rung=rung, target_grid=grid, params=params)
+    made = pipe.decode(np.asarray(out), size)
+    truth = pipe.decode(batch["target"], size)
     for b in np.flatnonzero(raw["valid"]):
-      per_task.setdefault(TASKS[int(raw["task"][b])], []).append(psnr(made[b], truth[b]))
+      per_task.setdefault(TASKS[int(raw["task"][b])], []).append(psnr(made[b], truth[b], peak=2.0))
   if not per_task:
     raise ValueError("no valid example in the evaluation batches")
   scores = {"all": float(np.mean([p for v in per_task.values() for p in v]))}
@@ -134,3 +132,4 @@ def mean_psnr(params, batches: list[dict], config, graphdef: nnx.GraphDef, *, ke
               seed: int = 0) -> float:
   """`psnr_scores(...)["all"]`: the mean PSNR (dB) over every valid example."""
   return psnr_scores(params, batches, config, graphdef, keep=keep, steps=steps, seed=seed)["all"]
+

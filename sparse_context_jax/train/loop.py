@@ -19,16 +19,13 @@ import tqdm
 from sparse_context_jax.data.latent_pipeline import make_latent_pipeline
 from sparse_context_jax.data.pipeline import make_pipeline
 from sparse_context_jax.parallel import batch_sharding, make_mesh
-from sparse_context_jax.sparse.pack import SparsePacker
-from sparse_context_jax.sparse.buckets import BucketLadder
-from sparse_context_jax.train import config as C
+from sparse_context_jax.train.batches import latent_batch, pixel_batch, run_encoders
 from sparse_context_jax.train.checkpoint import RunCheckpoints
+from sparse_context_jax.train.config import model_config, validate
 from sparse_context_jax.train.metrics import MetricsWriter
-from sparse_context_jax.train.objective import keep_ratio
-from sparse_context_jax.train.latents import latent_batch, latent_grid
-from sparse_context_jax.train.standin import HashedText, host_batch, pixel_grid
+from sparse_context_jax.train.objective import step_rung
 from sparse_context_jax.train.state import init_state, load_params, setup
-from sparse_context_jax.train.step import compile_step
+from sparse_context_jax.train.step import step_programs
 
 
 def dataset_path(config, workdir: str) -> str:
@@ -54,70 +51,68 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None) 
   mesh's devices (default all)."""
   # ---- Config and mesh ---------------------------------------------------------------------------------------
   devices = jax.devices() if devices is None else list(devices)
-  C.validate(config, len(devices), jax.process_count())
-  cfg = C.model_config(config)
+  validate(config, len(devices), jax.process_count())
+  cfg = model_config(config)
   mesh = make_mesh(config.mesh, devices)
   os.makedirs(workdir, exist_ok=True)
-  t = config.train
+  batch_size = config.train.batch_size
 
   # ---- Input: this process's rows of every global batch ------------------------------------------------------
-  per_process = t.batch_size // jax.process_count()
-  _check_process_rows(mesh, t.batch_size)
+  per_process = batch_size // jax.process_count()
+  _check_process_rows(mesh, batch_size)
   common = dict(batch_size=per_process, seed=config.data.seed, max_refs=config.data.max_refs,
                 worker_count=config.data.worker_count,
                 shard=grain.sharding.ShardOptions(jax.process_index(), jax.process_count()))
   if config.data.encoder == "latents":   # precomputed VAE latents and text embeddings
     pipeline = make_latent_pipeline(config.data.path, **common)
-    to_model, token_grid = (lambda raw: latent_batch(raw, cfg)), latent_grid
-  else:                                  # stand-in pixel tokens and hashed captions
+    to_model = lambda raw: latent_batch(raw, cfg)
+  else:                                  # pixels through the run's encoders (the local mode's stand-ins)
     pipeline = make_pipeline(dataset_path(config, workdir), resolution=config.data.resolution, **common)
-    text = HashedText(config.data.txt_len, cfg.context_dim, cfg.pooled_dim)
-    to_model, token_grid = (lambda raw: host_batch(raw, cfg, text)), pixel_grid
+    image, text = run_encoders(config, cfg)
+    to_model = lambda raw: pixel_batch(raw, cfg, image, text)
   data = iter(pipeline)
 
   # ---- Model and train state: resume, else initialise (from a converted checkpoint or at random) -------------
-  s = setup(config, cfg, mesh)
+  static = setup(config, cfg, mesh)
   ckpt = RunCheckpoints(workdir, config.checkpoint.keep)
   latest = ckpt.latest_step()
   if latest is not None:
-    state, data_state, _ = ckpt.restore(latest, s.abstract)
+    state, data_state, _ = ckpt.restore(latest, static.abstract)
     data.set_state(data_state)
   else:
     params = None
     if config.model.init:
-      params = load_params(config, cfg, s)
-    state = init_state(config, cfg, s, params)
+      params = load_params(config, cfg, static)
+    state = init_state(config, cfg, static, params)
   start = int(jax.device_get(state["step"]))
   log = MetricsWriter(workdir, start_step=start)   # a resumed run drops the records of the steps it redoes
 
   # ---- Loop ---------------------------------------------------------------------------------------------------
-  packer = SparsePacker(cfg, BucketLadder(tuple(config.objective.ladder)), max_refs=config.data.max_refs)
-  programs: dict = {}
+  programs = step_programs(static, config)
   ratios = collections.Counter()
   stop = {"signal": None}
   previous = signal.signal(signal.SIGTERM, lambda sig, frame: stop.update(signal=sig))
-  end = t.steps if stop_after is None else min(t.steps, start + stop_after)
+  end = config.train.steps if stop_after is None else min(config.train.steps, start + stop_after)
   bar = tqdm.tqdm(total=end, initial=start, disable=not config.log.progress or jax.process_index() != 0)
   config_json = config.to_json_best_effort()
   step, last = start, time.perf_counter()
   try:
     while step < end:
       raw = next(data)
-      local = to_model(raw)
+      local, grid = to_model(raw)
       batch = {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
                for k, v in local.items()}
-      ratio = keep_ratio(config.objective, config.seed, step)
-      grid = token_grid(raw)
-      key = (ratio, grid, tuple(sorted((k, v.shape) for k, v in batch.items())))
-      if key not in programs:
-        tic = time.perf_counter()
-        programs[key] = compile_step(s, packer, config, ratio, grid, batch).lower(state, batch).compile()
-        log.write({"event": "compile", "step": step, "keep": ratio, "grid": list(grid),
+      rung = step_rung(config.objective, config.seed, step, grid, local["refs"].shape[1])
+      compiled = programs.count
+      tic = time.perf_counter()
+      program = programs.compiled(state, batch, rung=rung)
+      if programs.count > compiled:
+        log.write({"event": "compile", "step": step, "keep": rung.ratio, "grid": list(grid),
                    "seconds": round(time.perf_counter() - tic, 3)})
         last += time.perf_counter() - tic   # compile time is not step time
-      state, metrics = programs[key](state, batch)
+      state, metrics = program(state, batch)
       step += 1
-      ratios[ratio] += 1
+      ratios[rung.ratio] += 1
       bar.update(1)
       # Every process saves and stops at the same step: the decision is agreed once per step and kept (a signal
       # arriving later in this step counts at the next one, never at a checkpoint only some processes reach).
@@ -126,13 +121,12 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None) 
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
         seconds = (now - last) / (config.log.every if step % config.log.every == 0 else 1)
-        refs = local["refs"].shape[1]
-        seq = local["txt"].shape[1] + grid[0] * grid[1] * (1 + refs * ratio)
-        log.write({"step": step, **m, "keep": ratio, "step_seconds": seconds, "examples_per_s": t.batch_size / seconds,
-                   "tokens_per_s": t.batch_size * seq / seconds,
+        seq = local["txt"].shape[1] + rung.length(grid[0] * grid[1])   # the packed sequence the step runs
+        log.write({"step": step, **m, "keep": rung.ratio, "step_seconds": seconds,
+                   "examples_per_s": batch_size / seconds, "tokens_per_s": batch_size * seq / seconds,
                    "keep_histogram": {str(k): v for k, v in sorted(ratios.items())},
                    "batch_crc32": _batch_crc32(raw)})
-        bar.set_postfix(loss=f"{m['loss']:.4f}", keep=ratio)
+        bar.set_postfix(loss=f"{m['loss']:.4f}", keep=rung.ratio)
         last = now
       if step % config.checkpoint.every == 0 or step == end or stopping:
         ckpt.save(step, state, data.get_state(), config_json, force=True)

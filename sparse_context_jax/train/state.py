@@ -15,7 +15,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from sparse_context_jax.convert.state_dict import CheckpointError
+from sparse_context_jax.errors import CheckpointError
 from sparse_context_jax.model.config import MMDiTConfig
 from sparse_context_jax.model.mmdit import MMDiT
 from sparse_context_jax.parallel import param_shardings, replicated
@@ -29,13 +29,15 @@ def model_kwargs(config) -> dict:
               attention_impl=m.attention_impl or None)
 
 
-def schedule(t) -> optax.Schedule:
-  """Linear warmup to `lr`, then cosine decay to `lr * end_lr_factor` at `steps`, or constant."""
-  if t.schedule == "constant":
-    return optax.join_schedules([optax.linear_schedule(0.0, t.lr, max(1, t.warmup_steps)),
-                                 optax.constant_schedule(t.lr)], [t.warmup_steps])
-  return optax.warmup_cosine_decay_schedule(0.0, t.lr, t.warmup_steps, max(t.steps, t.warmup_steps + 1),
-                                            end_value=t.lr * t.end_lr_factor)
+def schedule(train) -> optax.Schedule:
+  """Linear warmup to `lr`, then cosine decay to `lr * end_lr_factor` at `steps`, or constant (`train`: the train
+  section of a config)."""
+  if train.schedule == "constant":
+    return optax.join_schedules([optax.linear_schedule(0.0, train.lr, max(1, train.warmup_steps)),
+                                 optax.constant_schedule(train.lr)], [train.warmup_steps])
+  return optax.warmup_cosine_decay_schedule(0.0, train.lr, train.warmup_steps,
+                                            max(train.steps, train.warmup_steps + 1),
+                                            end_value=train.lr * train.end_lr_factor)
 
 
 def _decay_mask(params):
@@ -43,9 +45,10 @@ def _decay_mask(params):
   return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
 
 
-def optimizer(t) -> optax.GradientTransformation:
-  return optax.chain(optax.clip_by_global_norm(t.clip_norm),
-                     optax.adamw(schedule(t), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=_decay_mask))
+def optimizer(train) -> optax.GradientTransformation:
+  return optax.chain(optax.clip_by_global_norm(train.clip_norm),
+                     optax.adamw(schedule(train), b1=train.b1, b2=train.b2, weight_decay=train.weight_decay,
+                                 mask=_decay_mask))
 
 
 @dataclasses.dataclass
@@ -74,7 +77,7 @@ def setup(config, cfg: MMDiTConfig, mesh: Mesh) -> Setup:
       jax.random.key(0))), "step": jax.ShapeDtypeStruct((), jnp.int32)}
   if config.train.ema_decay:
     shardings["ema"], abstract["ema"] = param_sh, params
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings)
   return Setup(graphdef, abstract, shardings, tx, mesh)
 
 
@@ -98,9 +101,9 @@ def _like_params(opt, params, param_sh, scalar_sh):
   return visit(opt)
 
 
-def load_params(config, cfg: MMDiTConfig, s: Setup) -> dict:
+def load_params(config, cfg: MMDiTConfig, static: Setup) -> dict:
   """The parameters of the converted checkpoint `config.model.init` (the `convert` output), in `param_dtype`,
-  as the pure dict the state holds, already in `s.shardings["params"]`.
+  as the pure dict the state holds, already in `static.shardings["params"]`.
 
   Read layer by layer straight into those shardings (`load_model` with the train mesh and rules), so no host or
   device ever holds more than its share of the model plus one layer. Raises `CheckpointError` when the
@@ -109,32 +112,34 @@ def load_params(config, cfg: MMDiTConfig, s: Setup) -> dict:
   from sparse_context_jax.convert.checkpoint import load_model, read_config
   path = config.model.init
   stored = read_config(path)
+  if not isinstance(stored, MMDiTConfig):
+    raise CheckpointError(f"model.init={path!r} holds a converted {type(stored).__name__}, not a transformer")
   diff = [f"{f.name}={getattr(stored, f.name)!r} there, {getattr(cfg, f.name)!r} in the config"
           for f in dataclasses.fields(cfg) if getattr(stored, f.name) != getattr(cfg, f.name)]
   if diff:
     raise CheckpointError(f"model.init={path!r} holds another model than the train config's: {'; '.join(diff)}")
   kw = model_kwargs(config)
   del kw["dtype"]   # only the parameters are kept: their dtype is what matters
-  model = load_model(path, dtype=kw.pop("param_dtype"), mesh=s.mesh, rules=dict(config.sharding_rules), **kw)
+  model = load_model(path, dtype=kw.pop("param_dtype"), mesh=static.mesh, rules=dict(config.sharding_rules), **kw)
   params = nnx.state(model, nnx.Param).to_pure_dict()
 
   def same_place(key, a, want):
     assert a.sharding.is_equivalent_to(want, a.ndim), (jax.tree_util.keystr(key), a.sharding, want)
-  jax.tree_util.tree_map_with_path(same_place, params, s.shardings["params"])
+  jax.tree_util.tree_map_with_path(same_place, params, static.shardings["params"])
   return params
 
 
-def init_state(config, cfg: MMDiTConfig, s: Setup, params=None) -> dict:
+def init_state(config, cfg: MMDiTConfig, static: Setup, params=None) -> dict:
   """A fresh state, created directly in its shardings: random parameters from `config.seed`, or `params`
   (already sharded, e.g. from `load_params`; donated: they become the state's parameters without a copy)."""
   def make(p):
     if p is None:
       model = MMDiT(cfg, rngs=nnx.Rngs(config.seed), **model_kwargs(config))
       p = nnx.state(model, nnx.Param).to_pure_dict()
-    state = {"params": p, "opt": s.tx.init(p), "step": jnp.zeros((), jnp.int32),
+    state = {"params": p, "opt": static.tx.init(p), "step": jnp.zeros((), jnp.int32),
              "rng": jax.random.key_data(jax.random.key(config.seed))}
     if config.train.ema_decay:
       state["ema"] = jax.tree.map(jnp.copy, p)
     return state
 
-  return jax.jit(make, out_shardings=s.shardings, donate_argnums=0)(params)
+  return jax.jit(make, out_shardings=static.shardings, donate_argnums=0)(params)

@@ -1,5 +1,5 @@
 """The train step: a pure function (state, batch) -> (state, metrics), jitted with explicit shardings and the
-state donated. One compiled program per keep-ratio rung (the ratio fixes the packed sequence length)."""
+state donated. One compiled program per keep-ratio rung (the rung fixes the packed sequence length)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ import optax
 from flax import nnx
 
 from sparse_context_jax.parallel import batch_sharding, replicated
-from sparse_context_jax.sparse.pack import SparsePacker
+from sparse_context_jax.programs import ProgramCache
+from sparse_context_jax.sparse import Rung
 from sparse_context_jax.train.objective import draw_noise, loss_sums
 from sparse_context_jax.train.state import Setup, schedule
+
+METRICS = ("loss", "grad_norm", "lr", "examples")
 
 
 def _micro_batches(batch: dict, n: int) -> dict:
@@ -22,17 +25,16 @@ def _micro_batches(batch: dict, n: int) -> dict:
   return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1), batch)
 
 
-def train_step(state: dict, batch: dict, *, graphdef, tx, packer: SparsePacker, config, ratio: float,
-               grid: tuple[int, int]):
-  objective, t = config.objective, config.train
+def train_step(state: dict, batch: dict, *, graphdef, tx, config, rung: Rung):
+  objective, train = config.objective, config.train
   key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
   # The whole batch's draws first: the micro-batches then split them with the examples, so any grad_accum
   # sums the same per-example losses (up to float rounding).
-  batch = {**batch, **draw_noise(objective, key, batch)}
+  batch = {**batch, **draw_noise(objective, key, batch, rung.grids[0])}
 
   def loss(params, micro):
     model = nnx.merge(graphdef, params)
-    return loss_sums(model, packer, objective, micro, ratio, grid)
+    return loss_sums(model, objective, micro, rung)
 
   grad_fn = jax.value_and_grad(loss, has_aux=True)
 
@@ -42,28 +44,32 @@ def train_step(state: dict, batch: dict, *, graphdef, tx, packer: SparsePacker, 
     return (jax.tree.map(jnp.add, gsum, g), ltot + lsum, wtot + wsum), None
 
   zeros = jax.tree.map(jnp.zeros_like, state["params"])
-  (gsum, lsum, wsum), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), _micro_batches(batch, t.grad_accum))
+  (gsum, lsum, wsum), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), _micro_batches(batch, train.grad_accum))
   denom = jnp.maximum(wsum, 1.0)
   grads = jax.tree.map(lambda g: g / denom, gsum)
   updates, opt = tx.update(grads, state["opt"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   new = {**state, "params": params, "opt": opt, "step": state["step"] + 1}
   if "ema" in state:
-    d = t.ema_decay
+    d = train.ema_decay
     new["ema"] = jax.tree.map(lambda e, p: d * e + (1 - d) * p.astype(e.dtype), state["ema"], params)
-  metrics = {"loss": lsum / denom, "grad_norm": optax.tree.norm(grads), "lr": schedule(t)(state["step"]),
+  metrics = {"loss": lsum / denom, "grad_norm": optax.tree.norm(grads), "lr": schedule(train)(state["step"]),
              "examples": wsum}
   return new, metrics
 
 
-def batch_shardings(s: Setup, batch: dict) -> dict:
-  return jax.tree.map(lambda x: batch_sharding(s.mesh, x.ndim), batch)
+def step_programs(static: Setup, config) -> ProgramCache:
+  """The train step's programs, one per (rung, batch shapes): `programs(state, batch, rung=rung)`. In and out
+  shardings explicit (the state's, the batch over the data axes, metrics replicated), the state donated."""
+  def shardings(state, batch):
+    batch_sh = jax.tree.map(lambda x: batch_sharding(static.mesh, x.ndim), batch)
+    return (static.shardings, batch_sh), (static.shardings, {k: replicated(static.mesh) for k in METRICS})
+
+  fn = functools.partial(train_step, graphdef=static.graphdef, tx=static.tx, config=config)
+  return ProgramCache(fn, "train_step", donate_argnums=(0,), shardings=shardings)
 
 
-def compile_step(s: Setup, packer: SparsePacker, config, ratio: float, grid: tuple[int, int], batch_spec: dict):
-  """The jitted step for one keep-ratio rung: in/out shardings explicit, the state donated."""
-  fn = functools.partial(train_step, graphdef=s.graphdef, tx=s.tx, packer=packer, config=config, ratio=ratio,
-                         grid=grid)
-  metrics_sh = {k: replicated(s.mesh) for k in ("loss", "grad_norm", "lr", "examples")}
-  return jax.jit(fn, in_shardings=(s.shardings, batch_shardings(s, batch_spec)),
-                 out_shardings=(s.shardings, metrics_sh), donate_argnums=0)
+def compile_step(static: Setup, config, rung: Rung, batch_spec: dict):
+  """The jitted step of one rung (arrays or `jax.ShapeDtypeStruct`s for `batch_spec`): to call, or to lower for
+  XLA's counts or for another backend."""
+  return step_programs(static, config).jit(static.abstract, batch_spec, rung=rung)

@@ -1,4 +1,5 @@
-"""Image files -> canonical pixels: 8-bit RGB images and 8-bit single-channel masks, whatever the file held.
+"""Image files -> canonical pixels (8-bit RGB images and 8-bit single-channel masks, whatever the file held), and
+the resize + centre-crop into a target size.
 
 Every image of a dataset goes through `load_image` / `load_mask` once, at build time, so the pipeline only ever
 decodes canonical PNGs (or untouched RGB JPEGs). Conversions, and why:
@@ -116,3 +117,24 @@ def canonical_mask(path: str | os.PathLike) -> tuple[bytes, tuple[int, int]]:
   """PNG bytes of a mask file converted by `grey`, and its (height, width)."""
   pixels = load_mask(path)
   return encode_png(pixels), pixels.shape[:2]
+
+
+def crop_box(size: tuple[int, int], out: tuple[int, int]) -> tuple[float, float, float, float]:
+  """(left, top, right, bottom) of the centred region of an image of `size` = (h, w) with `out`'s aspect ratio."""
+  (h, w), (H, W) = size, out
+  scale = min(h / H, w / W)
+  ch, cw = H * scale, W * scale
+  return ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
+
+
+def resize_crop(pixels: np.ndarray, out: tuple[int, int]) -> np.ndarray:
+  """(h, w, 3) or (h, w) uint8 -> (H, W, ...) uint8: the centred crop of out's aspect ratio, resized to `out`.
+
+  Bicubic with PIL's antialiasing (its filter widens when shrinking), so downscaling does not alias. The crop box
+  is fractional and passed to the resize, so an image and its mask of the same size land on the same pixels.
+  """
+  img = Image.fromarray(pixels)
+  box = crop_box(pixels.shape[:2], out)
+  if pixels.shape[:2] == tuple(out):
+    return pixels
+  return np.asarray(img.resize((out[1], out[0]), Image.Resampling.BICUBIC, box=box))

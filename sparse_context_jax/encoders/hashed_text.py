@@ -1,0 +1,42 @@
+"""The local mode's stand-in text encoder: caption -> (T, context_dim) features, one fixed random vector per word
+(seeded by the word's CRC32), zero padding; the pooled vector (FLUX.1's CLIP slot) is the mean of a second set. It
+carries the words, not their meaning: enough for the synthetic world, whose captions are short templates.
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from sparse_context_jax.encoders.base import PromptEmbeddings
+
+
+class HashedText:
+  """`HashedText(length, dim, pooled_dim)(captions)` -> `PromptEmbeddings` (txt (B, length, dim), y (B, pooled_dim)
+  or None when pooled_dim is 0)."""
+
+  def __init__(self, length: int, dim: int, pooled_dim: int = 0):
+    if length <= 0 or dim <= 0 or pooled_dim < 0:
+      raise ValueError(f"stand-in text of length {length}, dim {dim}, pooled dim {pooled_dim} (expected > 0, > 0 "
+                       "and >= 0: the model's context_dim and pooled_dim)")
+    self.length, self.dim, self.pooled_dim = length, dim, pooled_dim
+    self.name = f"hashed-text-{length}x{dim}" + (f"+{pooled_dim}" if pooled_dim else "")
+
+  @functools.lru_cache(maxsize=4096)
+  def _word(self, word: str) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(zlib.crc32(word.encode("utf-8")))
+    return (rng.standard_normal(self.dim).astype(np.float32),
+            rng.standard_normal(self.pooled_dim).astype(np.float32))
+
+  def __call__(self, captions: Sequence[str]) -> PromptEmbeddings:
+    txt = np.zeros((len(captions), self.length, self.dim), np.float32)
+    y = np.zeros((len(captions), self.pooled_dim), np.float32)
+    for b, caption in enumerate(captions):
+      words = str(caption).lower().replace(",", " ").split()[:self.length]
+      for i, word in enumerate(words):
+        txt[b, i], pooled = self._word(word)
+        y[b] += pooled / max(1, len(words))
+    return PromptEmbeddings(txt, y if self.pooled_dim else None)
