@@ -145,9 +145,9 @@ def run(args) -> int:
 def _generation(args, model: JittedMMDiT, cfg) -> None:
   """Batch generation of synthetic-world composition jobs (references, masks, captions with a known answer) through
   the path of the `generate` command: a JSONL jobs file with its reference and mask PNGs and prompt embeddings is
-  written to a temporary folder, read back by `read_jobs` and run by the `Generator` over a `Pipeline`, dense and then with the
-  task-aware sparse default (hybrid: edges for editing, saliency for composition) at --keep. Random weights and
-  random prompt embeddings: the PNGs show the pipeline, not a model."""
+  written to a temporary folder, read back by `read_jobs` and run by the `Generator` over a `Pipeline`, dense and
+  then with the task-aware sparse default (hybrid: edges for editing, saliency for composition) at --keep. Random
+  weights and random prompt embeddings: the PNGs show the pipeline, not a model."""
   import json
   import tempfile
   import time

@@ -51,10 +51,10 @@ class Kind:
 
 
 KINDS = {
-    "transformer": Kind("transformer", "transformer", "load_model", MMDiTConfig, MMDiT, transformer_rules, detect.detect_layout,
-                        detect.resolve_config),
-    "vae": Kind("vae", "VAE", "load_vae", VAEConfig, AutoencoderKL, vae_rules, detect.detect_vae_layout, detect.resolve_vae_config,
-                frozenset(VAE_IGNORED)),
+    "transformer": Kind("transformer", "transformer", "load_model", MMDiTConfig, MMDiT, transformer_rules,
+                        detect.detect_layout, detect.resolve_config),
+    "vae": Kind("vae", "VAE", "load_vae", VAEConfig, AutoencoderKL, vae_rules, detect.detect_vae_layout,
+                detect.resolve_vae_config, frozenset(VAE_IGNORED)),
 }
 
 

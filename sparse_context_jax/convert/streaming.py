@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from sparse_context_jax.convert.rules import Rule, layer_formats, source_keys, target_keys, to_params, to_torch, torch_shapes
+from sparse_context_jax.convert.rules import (Rule, layer_formats, source_keys, target_keys, to_params, to_torch,
+                                             torch_shapes)
 from sparse_context_jax.convert.checkpoint import CheckpointWriter, read_config, restore, stored_dtype, stored_path
 from sparse_context_jax.convert.kinds import LAYOUTS, detect_kind
 from sparse_context_jax.convert.output import atomic_output, check_destination
@@ -33,7 +34,7 @@ OUTPUT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jnp.bfloa
 @dataclasses.dataclass
 class Group:
   layer: int | None                      # None: the unstacked parameters
-  rules: list[tuple[Rule, dict]]       # (rule, str.format arguments of this layer)
+  rules: list[tuple[Rule, dict]]         # (rule, str.format arguments of this layer)
   torch_keys: list[str]
   param_keys: list[str]                  # unstacked parameter paths (stacked ones: this layer's slice)
 

@@ -26,6 +26,7 @@ def vae_rules(cfg: VAEConfig, layout: str) -> list[TensorRule]:
 
   def norm(src, dst):
     rows.extend([TensorRule(f"{src}.weight", f"{dst}.scale"), TensorRule(f"{src}.bias", f"{dst}.bias")])
+
   def resnet(src, dst, has_shortcut):
     for name in ("norm1", "norm2"):
       norm(f"{src}.{name}", f"{dst}.{name}")

@@ -92,8 +92,8 @@ class Generator:
     n = token_grid(job.size)[0] * token_grid(job.size)[1]
     noise = jax.random.normal(jax.random.PRNGKey(job.seed), (n, self.cfg.in_channels), jnp.float32)
     p = Prepared(job, noise, [r.latents[0] for r in refs], [s[0] for s in scores], plan, ())
-    args, static = self._inputs([p])
-    p.key = signature(args, static)
+    static = self._inputs([p])[1]
+    p.key = signature(jax.eval_shape(lambda: self._inputs([p])[0]), static)   # shapes only: nothing is stacked
     return p
 
   # ---- per batch ----------------------------------------------------------------------------------------------

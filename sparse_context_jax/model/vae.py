@@ -77,7 +77,8 @@ class VAEConfig:
     for key, kind in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
       if any(t != kind for t in d.get(key, [kind] * blocks)):
         raise ValueError(f"VAE {key}={d[key]}: only {kind} is supported")
-    if d.get("act_fn", "silu") != "silu" or d.get("decoder_block_out_channels") not in (None, d.get("block_out_channels")):
+    symmetric = d.get("decoder_block_out_channels") in (None, d.get("block_out_channels"))
+    if d.get("act_fn", "silu") != "silu" or not symmetric:
       raise ValueError("VAE config: only act_fn='silu' and symmetric encoder/decoder channels are supported")
     return cls(
         family="flux2" if flux2 else "flux1",
@@ -86,7 +87,8 @@ class VAEConfig:
         latent_channels=d.get("latent_channels", 32 if flux2 else 4),
         norm_num_groups=d.get("norm_num_groups", 32),
         in_channels=d.get("in_channels", 3), out_channels=d.get("out_channels", 3),
-        use_quant_conv=bool(d.get("use_quant_conv", True)), use_post_quant_conv=bool(d.get("use_post_quant_conv", True)),
+        use_quant_conv=bool(d.get("use_quant_conv", True)),
+        use_post_quant_conv=bool(d.get("use_post_quant_conv", True)),
         mid_attention=bool(d.get("mid_block_add_attention", True)),
         scaling_factor=float(d.get("scaling_factor") or 1.0), shift_factor=float(d.get("shift_factor") or 0.0),
         batch_norm_eps=float(d.get("batch_norm_eps", 1e-4)))
