@@ -37,9 +37,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.max_refs = 1                         # reference slots per example
   c.data.seed = 0
   c.data.worker_count = 0
-  c.data.encoder = "pixels"                   # pixels (stand-in tokens, train/standin.py), or latents: data.path
+  c.data.encoder = "pixels"                   # pixels (stand-in tokens, encoders/pixels.py), or latents: data.path
                                               # is a precompute folder (VAE latents and text embeddings)
-  c.data.text = "hashed"                      # hashed (stand-in caption embedding, train/standin.py); latents: unused
+  c.data.text = "hashed"                      # hashed (stand-in caption embedding, encoders/hashed_text.py);
+                                              # latents: unused (the folder holds the text embeddings)
   c.data.txt_len = 32
 
   c.objective = ml_collections.ConfigDict()

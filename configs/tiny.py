@@ -3,8 +3,8 @@
     python -m sparse_context_jax train --config configs/tiny.py --workdir /tmp/tiny
     python -m sparse_context_jax train --config configs/tiny.py:flux1 --workdir /tmp/tiny1   # FLUX.1 layout
 
-Images are 64x64 (4x4 = 16 target tokens), tokens are stand-in pixel tokens (train/standin.py), the text is the
-stand-in hashed caption embedding.
+Images are 64x64 (4x4 = 16 target tokens), tokens are stand-in pixel tokens (encoders/pixels.py), the text is the
+stand-in hashed caption embedding (encoders/hashed_text.py).
 """
 
 from configs import base
@@ -13,7 +13,10 @@ from configs import base
 def get_config(arg: str | None = None):
   c = base.get_config()
   family = arg or "flux2"
-  c.model.preset = {"flux2": "flux2-klein-4b", "flux1": "flux1-kontext-dev"}[family]
+  presets = {"flux2": "flux2-klein-4b", "flux1": "flux1-kontext-dev"}
+  if family not in presets:
+    raise ValueError(f"configs/tiny.py:{arg}: the argument is empty, flux2 or flux1")
+  c.model.preset = presets[family]
   c.model.arch = dict(in_channels=12, out_channels=12, num_heads=2, head_dim=16, depth_double=1, depth_single=1,
                       context_dim=16, time_channels=32,
                       axes_dims=(4, 4, 4, 4) if family == "flux2" else (4, 6, 6),

@@ -7,7 +7,8 @@
 # Every process runs `python -m sparse_context_jax train ARGS --coordinator 127.0.0.1:PORT --num-processes N
 # --process-id I`. Process 0 prints to this terminal, the others to PROCESS.log files in a temporary folder (their
 # tail is printed if one fails). The first process to fail stops the others; SIGINT / SIGTERM are passed on to
-# every process (each saves a checkpoint, then exits). SCJ_PYTHON picks the interpreter (default: the runtime
+# every process (each saves a checkpoint, then exits with status 75, which this script then returns: a run preempted
+# and saved, to be resumed by the same command). SCJ_PYTHON picks the interpreter (default: the runtime
 # environment); SCJ_PORT the coordinator port (default: a free one).
 set -euo pipefail
 if [ $# -lt 2 ] || ! [[ $1 =~ ^[1-9][0-9]*$ && $2 =~ ^[1-9][0-9]*$ ]]; then
@@ -35,14 +36,16 @@ for ((i = 0; i < processes; i++)); do
   pids+=($!)
 done
 # Poll (not `wait -n`, which a trapped signal interrupts): reap each process once, keep the first failure.
-status=0 done=()
+status=0 preempted=0 done=()
 while [ "${#done[@]}" -lt "$processes" ]; do
   for ((i = 0; i < processes; i++)); do
     if [ -z "${done[$i]:-}" ] && ! kill -0 "${pids[$i]}" 2>/dev/null; then
       rc=0
       wait "${pids[$i]}" || rc=$?
       done[$i]=1
-      if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then
+      if [ "$rc" -eq 75 ]; then
+        preempted=1   # saved at the agreed step; every process stops there by itself
+      elif [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then
         status=$rc
         echo "process $i exited with status $rc; stopping the others" >&2
         for ((j = 1; j < processes; j++)); do
@@ -55,4 +58,5 @@ while [ "${#done[@]}" -lt "$processes" ]; do
   sleep 0.2
 done
 [ "$status" -eq 0 ] && rm -rf "$logs"
+[ "$status" -eq 0 ] && [ "$preempted" -eq 1 ] && status=75
 exit "$status"

@@ -2,6 +2,10 @@
 
 Each command is a module with `add_arguments(parser)` and `run(args) -> int`. A `UserError` (bad value, bad path)
 ends the command with one line on stderr and exit status 2; anything else is a bug and keeps its traceback.
+
+Exit statuses, every command: 0 success; 1 some work items failed and were reported (generate's bad jobs); 2 a user
+error (one line on stderr, nothing half-written); 75 (sysexits' EX_TEMPFAIL) a run stopped by a signal after saving
+(train: rerun the same command to resume); 130 interrupted by Ctrl-C.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ COMMANDS = {
     "train": ("sparse_context_jax.commands.train",
               "fine-tune with random-ratio reference-token dropping (sharded, resumable)"),
 }
+
+
+EXIT_PREEMPTED = 75
 
 
 class UserError(Exception):

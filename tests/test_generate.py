@@ -35,7 +35,7 @@ def _world(tmp: Path, n_jobs: int, **job) -> Path:
       refs.append(path.name)
     np.savez(tmp / f"p{i}.npz", txt=rng.standard_normal((5, 48)).astype(np.float32),
              neg_txt=rng.standard_normal((5, 48)).astype(np.float32))
-    lines.append({"prompt": f"p{i}.npz", "references": refs, "size": [64, 64], "steps": 2, "seed": i,
+    lines.append({"prompt_embeds": f"p{i}.npz", "references": refs, "size": [64, 64], "steps": 2, "seed": i,
                   "strategy": "grid", "keep": 0.5, "output": f"out/{i}.png", **job})
   (tmp / "jobs.jsonl").write_text("\n".join(json.dumps(l) for l in lines) + "\n")
   return tmp / "jobs.jsonl"

@@ -89,7 +89,8 @@ def test_two_processes_equal_one_and_restore_on_another_mesh(tmp_path):
 
 
 def test_sigterm_to_one_process_saves_on_every_process_and_stops(tmp_path):
-  """Preemption that reaches one worker first: both processes save the same step, then exit cleanly."""
+  """Preemption that reaches one worker first: both processes save the same step, then exit with the preempted
+  status (75), which the launcher returns."""
   import signal
   import time
   from sparse_context_jax.train.loop import dataset_path
@@ -110,7 +111,8 @@ def test_sigterm_to_one_process_saves_on_every_process_and_stops(tmp_path):
   assert len(pids) == 1, found
   os.kill(pids[0], signal.SIGTERM)   # process 1 only; process 0 hears of it through the per-step agreement
   out, err = launcher.communicate(timeout=600)
-  assert launcher.returncode == 0, out[-2000:] + err[-3000:]
+  assert launcher.returncode == 75, out[-2000:] + err[-3000:]
+  assert "preempted at step" in err, err[-3000:]
   saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
   preempted = [m["step"] for m in read_metrics(workdir) if m.get("event") == "preempted"]
   assert len(saved) == 1 and preempted == saved and 3 <= saved[0] < 400

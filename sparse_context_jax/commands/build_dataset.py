@@ -35,7 +35,7 @@ def run(args) -> int:
   try:
     if args.manifest is not None:
       path, count, bad = builder.build_from_manifest(args.manifest, args.out, max_refs=args.max_refs,
-                                                     skip_bad=args.skip_bad, force=args.force)
+                                                     skip_bad=args.skip_bad, force=args.force, progress=True)
       for row in bad:
         print(f"skipped {row}")
       what = f"{count} records from {args.manifest}" + (f" ({len(bad)} bad rows skipped)" if bad else "")
@@ -44,7 +44,7 @@ def run(args) -> int:
         raise UserError(f"--synthetic {args.synthetic} (expected a positive count)")
       records = world.WorldRecords(args.synthetic, args.seed, tuple(args.size), args.max_refs)
       path = builder.write_dataset(records, args.out, max_refs=args.max_refs, metadata=records.metadata(),
-                                   force=args.force)
+                                   force=args.force, progress=True)
       what = f"{args.synthetic} synthetic records (seed {args.seed}, {args.size[0]}x{args.size[1]})"
   except (builder.BadManifest, FileExistsError, FileNotFoundError, ValueError) as e:
     raise UserError(str(e)) from None

@@ -188,7 +188,7 @@ def _generation(args, model: JittedMMDiT, cfg) -> None:
           kind.append(name)
       np.savez(jobs_dir / f"prompt{i}.npz", txt=rng.standard_normal((args.txt, cfg.context_dim)).astype(np.float32))
       for label, budget in (("dense", 1.0), ("sparse", keep)):
-        lines[label].append({"prompt": f"prompt{i}.npz", "references": refs, "masks": masks, "task": ex.task,
+        lines[label].append({"prompt_embeds": f"prompt{i}.npz", "references": refs, "masks": masks, "task": ex.task,
                              "keep": budget, "size": [args.size, args.size], "steps": 4, "seed": i,
                              "output": str(out / f"{label}_{i}.png")})
     base = None

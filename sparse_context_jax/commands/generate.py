@@ -1,10 +1,18 @@
 """`generate JOBS.jsonl`: reference-conditioned batch generation with sparse references (job format:
-`sparse_context_jax/generate/jobs.py`). Writes each job's PNG and a JSON report; bad jobs are reported by line
-and the others still run."""
+`sparse_context_jax/generate/jobs.py`). Writes each job's PNG and a JSON report.
+
+Every job is validated before any model is built (a bad line is reported with its reason and the others run);
+text prompts are encoded in batches before the denoising batches (the text encoder is then freed, unless
+`--keep-text-encoder`); a job that fails later (a full disk, a decode error) is reported and the others run. The
+report is always written (atomically). Exit status: 0 when every job produced its PNG, 1 when some did not, 2 on
+a user error of the command itself.
+"""
 
 from __future__ import annotations
 
+import gc
 import json
+import resource
 import sys
 from pathlib import Path
 
@@ -13,16 +21,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
-from tqdm import tqdm
 
 from sparse_context_jax.cli import UserError
-from sparse_context_jax.convert import CheckpointError, load_model, load_vae
+from sparse_context_jax.convert import CheckpointError, load_model, load_vae, read_config
 from sparse_context_jax.convert.output import atomic_output
 from sparse_context_jax.encoders.vae import VAEImageEncoder
-from sparse_context_jax.generate import Generator, Pipeline, read_jobs
+from sparse_context_jax.generate import BadJob, Failed, Generator, Pipeline, read_jobs
+from sparse_context_jax.generate.prompts import encode_job_prompts
 from sparse_context_jax.images import encode_png
 from sparse_context_jax.model import PRESETS, MMDiT, MMDiTConfig
 from sparse_context_jax.model.vae import VAE_PRESETS, AutoencoderKL, VAEConfig
+from sparse_context_jax.progress import progress
+from sparse_context_jax.sparse.pack import default_max_refs
 
 
 def add_arguments(parser) -> None:
@@ -34,15 +44,25 @@ def add_arguments(parser) -> None:
   vae = parser.add_mutually_exclusive_group(required=True)
   vae.add_argument("--vae", metavar="DIR", help="a VAE converted with `convert`")
   vae.add_argument("--random-vae", metavar="flux1|flux2|CONFIG_JSON", help="random VAE weights")
+  text = parser.add_mutually_exclusive_group()
+  text.add_argument("--text-encoder", nargs="+", metavar="DIR", help="converted text encoder(s) for text prompts: "
+                    "one Qwen3 / Mistral folder, or T5 and CLIP (FLUX.1)")
+  text.add_argument("--random-text-encoder", action="store_true",
+                    help="a random-weights text encoder of the model's family with a tiny tokenizer (offline runs)")
+  parser.add_argument("--max-sequence-length", type=int, default=512, help="text tokens per prompt (longer ones "
+                      "are truncated with a warning naming the job line)")
+  parser.add_argument("--text-batch-size", type=int, default=8, help="prompts per text-encoder call")
+  parser.add_argument("--keep-text-encoder", action="store_true",
+                      help="keep the text encoder in memory while denoising (default: freed after the prompts)")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
   parser.add_argument("--batch-size", type=int, default=4, help="jobs per compiled batch")
   parser.add_argument("--report", metavar="PATH", help="JSON report (default: JOBS.report.json)")
   parser.add_argument("--save-latents", action="store_true", help="also write each job's final latents (.npy)")
   parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
-  parser.add_argument("--seed", type=int, default=0, help="initialisation seed of --random-model / --random-vae")
+  parser.add_argument("--seed", type=int, default=0, help="initialisation seed of the --random-* weights")
 
 
-def _random(spec: str, presets: dict, cls, what: str):
+def _random_config(spec: str, presets: dict, cls, what: str):
   if spec in presets:
     return presets[spec]
   try:
@@ -53,48 +73,129 @@ def _random(spec: str, presets: dict, cls, what: str):
                     f"config JSON ({e})") from None
 
 
+def _model_config(args) -> MMDiTConfig:
+  """The transformer's config, read without building it (jobs are checked against it first)."""
+  if args.random_model:
+    return _random_config(args.random_model, PRESETS, MMDiTConfig, "model")
+  try:
+    cfg = read_config(args.model)
+  except CheckpointError as e:
+    raise UserError(str(e)) from None
+  if not isinstance(cfg, MMDiTConfig):
+    raise UserError(f"--model {args.model} is a converted {type(cfg).__name__}, not a transformer")
+  return cfg
+
+
 def _write(path: Path, data: bytes) -> None:
-  """Written beside `path` and renamed: a reader never sees half a PNG. (Whether `path` may be replaced was
+  """Written beside `path` and renamed: a reader never sees half a file. (Whether `path` may be replaced was
   decided per job, by `--force`, before anything ran.)"""
   with atomic_output(path, force=True, directory=False) as tmp:
     tmp.write_bytes(data)
 
 
+def _peak_rss_mib() -> float:
+  return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _prompt_encoder(args, cfg: MMDiTConfig):
+  from sparse_context_jax.encoders.prompts import load_prompt_encoder, random_prompt_encoder
+  try:
+    if args.random_text_encoder:
+      return random_prompt_encoder(cfg, seed=args.seed + 2)
+    if args.text_encoder:
+      return load_prompt_encoder(*args.text_encoder, dtype=jnp.dtype(args.dtype))
+  except (CheckpointError, ValueError) as e:
+    raise UserError(str(e)) from None
+  return None
+
+
 def run(args) -> int:
-  if args.batch_size <= 0:
-    raise UserError(f"--batch-size {args.batch_size} (expected > 0)")
-  if not Path(args.jobs).is_file():
-    raise UserError(f"jobs file {args.jobs} does not exist")
+  for name in ("batch_size", "text_batch_size", "max_sequence_length"):
+    if getattr(args, name) <= 0:
+      raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} (expected > 0)")
+  jobs_path = Path(args.jobs)
+  if not jobs_path.is_file():
+    raise UserError(f"jobs file {args.jobs} does not exist" if not jobs_path.exists() else
+                    f"jobs file {args.jobs} is not a file")
+  report_path = Path(args.report or jobs_path.with_suffix(".report.json"))
+  cfg = _model_config(args)
+
+  # ---- Every job checked before any model is built ------------------------------------------------------------
+  try:
+    jobs, bad = read_jobs(jobs_path, cfg, default_max_refs(cfg), force=args.force)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  report = {"jobs": [], "bad_jobs": [], "failed_jobs": [], "programs": [], "memory": {}}
+
+  def reject(items: list[BadJob]) -> None:
+    for b in items:
+      print(f"{args.jobs}:{b.line}: {b.error}", file=sys.stderr)
+      report["bad_jobs"].append({"line": b.line, "error": b.error})
+
+  reject(bad)
+  try:
+    # ---- Text prompts, in batches, before the denoising batches ------------------------------------------------
+    if any(j.needs_encoding for j in jobs):
+      encoder = _prompt_encoder(args, cfg)
+      jobs, bad, warnings = encode_job_prompts(jobs, encoder, max_sequence_length=args.max_sequence_length,
+                                               batch_size=args.text_batch_size)
+      for w in warnings:
+        print(f"{args.jobs}:{w.line}: warning: {w.error}", file=sys.stderr)
+      reject(bad)
+      report["memory"]["peak_rss_mib_after_prompts"] = _peak_rss_mib()
+      if not args.keep_text_encoder:
+        del encoder
+        gc.collect()   # its parameters go before the transformer's arrive
+      report["memory"]["text_encoder_kept"] = bool(args.keep_text_encoder)
+    if jobs:
+      _generate(args, cfg, jobs, report)
+  finally:
+    report["memory"]["peak_rss_mib"] = _peak_rss_mib()
+    report["bad_jobs"].sort(key=lambda b: b["line"])
+    _write(report_path, json.dumps(report, indent=1).encode())
+  n_bad, n_failed = len(report["bad_jobs"]), len(report["failed_jobs"])
+  samplers = sum(1 for p in report["programs"] if p["program"] == "sample")
+  print(f"generated {len(report['jobs'])} image(s), {n_bad} bad job(s), {n_failed} failed job(s); {samplers} "
+        f"sampling program(s); report {report_path}")
+  return 1 if n_bad or n_failed else 0
+
+
+def _generate(args, cfg: MMDiTConfig, jobs: list, report: dict) -> None:
   dtype = jnp.dtype(args.dtype)
   try:
-    model = (load_model(args.model, dtype=dtype) if args.model else
-             MMDiT(_random(args.random_model, PRESETS, MMDiTConfig, "model"), rngs=nnx.Rngs(args.seed), dtype=dtype))
+    model = (load_model(args.model, dtype=dtype) if args.model else MMDiT(cfg, rngs=nnx.Rngs(args.seed), dtype=dtype))
     vae = (load_vae(args.vae) if args.vae else
-           AutoencoderKL(_random(args.random_vae, VAE_PRESETS, VAEConfig, "vae"), rngs=nnx.Rngs(args.seed + 1)))
+           AutoencoderKL(_random_config(args.random_vae, VAE_PRESETS, VAEConfig, "vae"), rngs=nnx.Rngs(args.seed + 1)))
     pipeline = Pipeline(model, VAEImageEncoder(vae), mesh=Mesh(np.array(jax.devices()), ("data",)))
   except (CheckpointError, ValueError) as e:
     raise UserError(str(e)) from None
   generator = Generator(pipeline, batch_size=args.batch_size)
+  try:
+    with progress(len(jobs), "generate", "img") as bar:
+      for r in generator.run(jobs, progress=bar):
+        if not isinstance(r, Failed):
+          try:
+            _write(r.job.output, encode_png(r.pixels))
+            if args.save_latents:
+              _write(r.job.output.with_suffix(".npy"), _npy(r.latents))
+          except OSError as e:   # a full disk, a folder removed since validation: this job only
+            r = Failed(r.job, f"cannot write {r.job.output}: {e.strerror or e}")
+        if isinstance(r, Failed):
+          print(f"{args.jobs}:{r.job.line}: failed: {r.error}", file=sys.stderr)
+          report["failed_jobs"].append({"line": r.job.line, "output": str(r.job.output), "error": r.error})
+          continue
+        request = r.job.request
+        report["jobs"].append({
+            "line": r.job.line, "output": str(r.job.output), "strategy": request.strategy,
+            "keep": request.keep, "tau": request.tau, "kept_tokens": r.prepared.kept,
+            "bucket": r.prepared.plan.rung.ratio, "sequence": r.prepared.sequence, "valid": r.prepared.valid,
+            "batch_size": r.batch_size, "batch_seconds": round(r.batch_seconds, 4)})
+  finally:
+    report["programs"] = pipeline.programs()
 
-  jobs, bad = read_jobs(args.jobs, model.config, pipeline.packer.max_refs, force=args.force)
-  for b in bad:
-    print(f"{args.jobs}:{b.line}: {b.error}", file=sys.stderr)
-  report = {"jobs": [], "bad_jobs": [{"line": b.line, "error": b.error} for b in bad]}
-  with tqdm(total=len(jobs), desc="generate", unit="img", disable=not sys.stderr.isatty()) as bar:
-    for r in generator.run(jobs, progress=bar):
-      _write(r.job.output, encode_png(r.pixels))
-      if args.save_latents:
-        with open(r.job.output.with_suffix(".npy"), "wb") as f:
-          np.save(f, r.latents)
-      request = r.job.request
-      report["jobs"].append({
-          "line": r.job.line, "output": str(r.job.output), "strategy": request.strategy,
-          "keep": request.keep, "tau": request.tau, "kept_tokens": r.prepared.kept,
-          "bucket": r.prepared.plan.rung.ratio, "sequence": r.prepared.sequence, "valid": r.prepared.valid,
-          "batch_size": r.batch_size, "batch_seconds": round(r.batch_seconds, 4)})
-  report["programs"] = pipeline.programs()
-  report_path = Path(args.report or Path(args.jobs).with_suffix(".report.json"))
-  _write(report_path, json.dumps(report, indent=1).encode())
-  print(f"generated {len(report['jobs'])} image(s), {len(bad)} bad job(s); "
-        f"{sum(1 for p in report['programs'] if p['program'] == 'sample')} sampling program(s); report {report_path}")
-  return 1 if bad else 0
+
+def _npy(array: np.ndarray) -> bytes:
+  import io
+  buf = io.BytesIO()
+  np.save(buf, array)
+  return buf.getvalue()

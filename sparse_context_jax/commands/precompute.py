@@ -46,7 +46,7 @@ def run(args) -> int:
     encoders = load_encoders(args.encoders, text_len=args.text_len, text_dim=args.text_dim,
                                pooled_dim=args.pooled_dim)
     count = precompute(args.dataset, args.out, encoders, batch_size=args.batch, resolution=args.resolution,
-                         force=args.force)
+                         force=args.force, progress=True)
   except (FileExistsError, FileNotFoundError, ValueError) as e:
     raise UserError(str(e)) from None
   print(f"wrote {count} latent records ({encoders.name}) to {os.fspath(args.out)} in "

@@ -1,11 +1,17 @@
 """Fine-tune with random-ratio reference-token dropping: `train --config configs/FILE.py[:ARG] --workdir DIR
-[--config.KEY=VALUE ...]`. Resumes from DIR's latest checkpoint when there is one."""
+[--config.KEY=VALUE ...]`. Resumes from DIR's latest checkpoint when there is one.
+
+Exit status: 0 when the run reached its last step (or `--steps` more), 75 when a signal (SIGTERM, SIGINT)
+stopped it earlier after saving a checkpoint (rerun the same command to resume), 2 on a user error, 130 on a
+second Ctrl-C (abort without saving).
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 
-from sparse_context_jax.cli import UserError
+from sparse_context_jax.cli import EXIT_PREEMPTED, UserError
 
 EXTRA_PREFIX = "--config."   # cli.main passes --config.KEY=VALUE overrides as args.extra ("KEY=VALUE")
 
@@ -56,11 +62,16 @@ def run(args) -> int:
     validate(config, jax.device_count(), jax.process_count())
   except ConfigError as e:
     raise UserError(str(e)) from None
-  from sparse_context_jax.train.loop import train
+  from sparse_context_jax.train.loop import Outcome, train
+  outcome = Outcome()
   try:
-    state = train(config, args.workdir, stop_after=args.steps)
-  except CheckpointError as e:
+    train(config, args.workdir, stop_after=args.steps, outcome=outcome)
+  except (CheckpointError, ConfigError) as e:
     raise UserError(str(e)) from None
+  if outcome.preempted:
+    if jax.process_index() == 0:
+      print(f"preempted at step {outcome.step}, saved; rerun the same command to resume", file=sys.stderr)
+    return EXIT_PREEMPTED
   if jax.process_index() == 0:
-    print(f"step {int(jax.device_get(state['step']))}; metrics in {args.workdir}/metrics.jsonl")
+    print(f"step {outcome.step}; metrics in {args.workdir}/metrics.jsonl")
   return 0

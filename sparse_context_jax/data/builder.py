@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from sparse_context_jax.data.manifest import MAX_REFS, TASKS, BadRow, ManifestRecords, read_manifest
+from sparse_context_jax.progress import progress as progress_bar
 
 SPLIT = "train"
 
@@ -48,8 +49,9 @@ class ReferencePairs(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "target, 1..max_refs references, optional masks, caption, task"}
 
-  def __init__(self, *, records: Records | None = None, split: str = SPLIT, metadata: dict | None = None, **kw):
-    self._records, self._split, self._extra = records, split, metadata or {}
+  def __init__(self, *, records: Records | None = None, split: str = SPLIT, metadata: dict | None = None,
+               progress: bool = False, **kw):
+    self._records, self._split, self._extra, self._progress = records, split, metadata or {}, progress
     super().__init__(**kw)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -76,16 +78,19 @@ class ReferencePairs(tfds.core.GeneratorBasedBuilder):
     return {self._split: self._generate_examples()}
 
   def _generate_examples(self):
-    for i in range(len(self._records)):
-      r = self._records.encoded(i)
-      yield f"{i:012d}", dict(index=i, target=r["target"], references=r["references"], masks=r["masks"],
-                              caption=r["caption"], task=TASKS.index(r["task"]), origin=r["origin"])
+    with progress_bar(len(self._records), "build-dataset", "record", enabled=self._progress) as bar:
+      for i in range(len(self._records)):
+        r = self._records.encoded(i)
+        yield f"{i:012d}", dict(index=i, target=r["target"], references=r["references"], masks=r["masks"],
+                                caption=r["caption"], task=TASKS.index(r["task"]), origin=r["origin"])
+        bar.update(1)
 
 
 def write_dataset(records: Records, out: str | os.PathLike, *, split: str = SPLIT, max_refs: int = MAX_REFS,
-                  metadata: dict | None = None, force: bool = False) -> Path:
+                  metadata: dict | None = None, force: bool = False, progress: bool = False) -> Path:
   """Writes `records` as an ArrayRecord dataset folder at `out`; returns it. Refuses a non-empty `out` unless
-  `force` (then replaces it, only once the new one is complete)."""
+  `force` (then replaces it, only once the new one is complete). `progress`: a bar on a terminal, lines
+  otherwise."""
   out = Path(out)
   if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
     raise FileExistsError(f"{os.fspath(out)!r} exists and is not empty (pass force to replace it)")
@@ -93,7 +98,7 @@ def write_dataset(records: Records, out: str | os.PathLike, *, split: str = SPLI
   tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
   try:
     builder = ReferencePairs(records=records, split=split, data_dir=os.fspath(tmp), file_format="array_record",
-                             metadata={"max_refs": max_refs, **(metadata or {})})
+                             metadata={"max_refs": max_refs, **(metadata or {})}, progress=progress)
     tfds.disable_progress_bar()
     with contextlib.redirect_stdout(io.StringIO()):   # tfds prints "Downloading and preparing" banners
       builder.download_and_prepare(download_dir=os.fspath(tmp / "downloads"))
@@ -145,7 +150,8 @@ class BadManifest(ValueError):
 
 
 def build_from_manifest(manifest: str | os.PathLike, out: str | os.PathLike, *, max_refs: int = MAX_REFS,
-                        skip_bad: bool = False, force: bool = False) -> tuple[Path, int, list[BadRow]]:
+                        skip_bad: bool = False, force: bool = False,
+                        progress: bool = False) -> tuple[Path, int, list[BadRow]]:
   """Validates every row of a JSONL manifest and writes the dataset; returns (folder, records written, bad rows).
 
   Any bad row raises `BadManifest` (before anything is written) unless `skip_bad`, which writes the valid rows
@@ -156,7 +162,7 @@ def build_from_manifest(manifest: str | os.PathLike, out: str | os.PathLike, *, 
     raise BadManifest(bad, len(rows) + len(bad))
   if not rows:
     raise BadManifest(bad, len(bad)) if bad else ValueError(f"manifest {os.fspath(manifest)!r} has no rows")
-  path = write_dataset(ManifestRecords(rows, manifest), out, max_refs=max_refs, force=force,
+  path = write_dataset(ManifestRecords(rows, manifest), out, max_refs=max_refs, force=force, progress=progress,
                        metadata={"generator": f"manifest {Path(manifest).name}",
                                  "skipped_lines": [b.line for b in bad]})
   return path, len(rows), bad

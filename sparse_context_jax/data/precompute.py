@@ -37,6 +37,7 @@ from sparse_context_jax.data.builder import Dataset, open_dataset
 from sparse_context_jax.data.pipeline import make_pipeline
 from sparse_context_jax.encoders.base import Encoders, unit_range
 from sparse_context_jax.model.positions import TOKEN_PIXELS
+from sparse_context_jax.progress import progress as progress_bar
 
 LATENTS_FILE, INFO_FILE, SHAPES_FILE = "latents.array_record", "latents.json", "shapes.npy"
 
@@ -113,9 +114,10 @@ def _npz(record: dict) -> bytes:
 
 
 def precompute(dataset: Dataset | str, out: str | os.PathLike, encoders: Encoders, *, batch_size: int = 8,
-               resolution: int = 512, buckets=None, force: bool = False) -> int:
+               resolution: int = 512, buckets=None, force: bool = False, progress: bool = False) -> int:
   """Encodes every record of `dataset` once (no shuffle, one epoch) into a latent folder at `out`; returns the
-  record count. Built in a temporary sibling folder and renamed at the end: a failure leaves nothing at `out`."""
+  record count. Built in a temporary sibling folder and renamed at the end: a failure leaves nothing at `out`.
+  `progress`: a bar on a terminal, lines otherwise."""
   dataset = dataset if isinstance(dataset, Dataset) else open_dataset(dataset)
   out = Path(out)
   if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
@@ -126,11 +128,13 @@ def precompute(dataset: Dataset | str, out: str | os.PathLike, encoders: Encoder
   tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
   try:
     writer, count, shapes = ArrayRecordWriter(os.fspath(tmp / LATENTS_FILE), "group_size:1"), 0, []
-    for batch in pipeline:   # streamed: memory holds one batch, not the dataset
-      for record in _encode_batch(batch, encoders):
-        writer.write(_npz(record))
-        shapes.append(record["target_latent"].shape[:2])
-        count += 1
+    with progress_bar(len(dataset), "precompute", "record", enabled=progress) as bar:
+      for batch in pipeline:   # streamed: memory holds one batch, not the dataset
+        for record in _encode_batch(batch, encoders):
+          writer.write(_npz(record))
+          shapes.append(record["target_latent"].shape[:2])
+          count += 1
+          bar.update(1)
     writer.close()
     np.save(tmp / SHAPES_FILE, np.asarray(shapes, np.int32).reshape(-1, 2))
     info = dict(count=count, encoders=encoders.name, source=os.fspath(dataset.path),

@@ -5,8 +5,8 @@
 - `engine`: the `Generator`, batching jobs over a pipeline.
 """
 
-from sparse_context_jax.generate.engine import Generator, Prepared, Result
+from sparse_context_jax.generate.engine import Failed, Generator, Prepared, Result
 from sparse_context_jax.generate.jobs import BadJob, Job, make_job, read_jobs
 from sparse_context_jax.generate.pipeline import Pipeline
 
-__all__ = ["BadJob", "Generator", "Job", "Pipeline", "Prepared", "Result", "make_job", "read_jobs"]
+__all__ = ["BadJob", "Failed", "Generator", "Job", "Pipeline", "Prepared", "Result", "make_job", "read_jobs"]

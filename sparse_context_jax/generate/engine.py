@@ -57,6 +57,14 @@ class Result:
   batch_size: int
 
 
+@dataclasses.dataclass
+class Failed:
+  """A job that passed validation but failed when it ran (its error), reported, while the other jobs go on."""
+
+  job: Job
+  error: str
+
+
 def _optional(value, dtype=np.float32):
   return None if value is None else np.asarray(value, dtype)
 
@@ -83,9 +91,10 @@ class Generator:
 
   # ---- per job ------------------------------------------------------------------------------------------------
   def prepare(self, job: Job) -> Prepared:
+    assert not job.needs_encoding, f"job of line {job.line}: its text prompt was never encoded"
     pipe = self.pipeline
     refs = []
-    for pixels, mask in zip(job.references, job.masks):
+    for pixels, mask in zip(job.reference_pixels(), job.mask_arrays()):
       refs.append(Reference(pipe.encode_references(pixels[None]), job.size, pixels=pixels[None],
                             mask=None if mask is None else mask[None]))
     plan, scores = pipe.select(refs, job.request)
@@ -113,15 +122,30 @@ class Generator:
     out, pixels = np.asarray(out), to_uint8(pixels)
     return [Result(p.job, pixels[i], out[i], p, seconds, len(batch)) for i, p in enumerate(batch)]
 
-  def run(self, jobs: list[Job], progress=None):
-    """Yields results batch by batch; jobs are grouped by the signature of their sampling program."""
-    groups: dict[tuple, list[Prepared]] = {}
-    for job in jobs:
-      p = self.prepare(job)
-      groups.setdefault(p.key, []).append(p)
-    for group in groups.values():
-      for i in range(0, len(group), self.batch_size):
-        results = self.run_batch(group[i:i + self.batch_size])
-        if progress is not None:
-          progress.update(len(results))
-        yield from results
+  def run(self, jobs: list[Job], progress=None, window: int | None = None):
+    """Yields results batch by batch; jobs are grouped by the signature of their sampling program, within windows
+    of `window` jobs (default 16 batches), so memory holds one window's prepared jobs, not the whole file.
+
+    A batch that fails (an error of the data or of the device, not a bug of this code) yields one `Failed` per job
+    of it, and the next batches run."""
+    window = window or 16 * self.batch_size
+    for start in range(0, len(jobs), window):
+      groups: dict[tuple, list[Prepared]] = {}
+      for job in jobs[start:start + window]:
+        try:
+          p = self.prepare(job)
+        except (OSError, ValueError) as e:   # a file changed since validation, a request the references break
+          yield Failed(job, f"{type(e).__name__}: {e}")
+          continue
+        groups.setdefault(p.key, []).append(p)
+      for group in groups.values():
+        for i in range(0, len(group), self.batch_size):
+          batch = group[i:i + self.batch_size]
+          try:
+            results = self.run_batch(batch)
+          except (OSError, ValueError, RuntimeError) as e:   # RuntimeError: XLA's (out of memory, ...)
+            results = [Failed(p.job, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                       for p in batch]
+          if progress is not None:
+            progress.update(len(results))
+          yield from results

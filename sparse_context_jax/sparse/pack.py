@@ -217,6 +217,11 @@ def dense_inputs(cfg: MMDiTConfig, target_latents, target_size, references: Sequ
 
 
 # ---- the host side ------------------------------------------------------------------------------------------------
+def default_max_refs(cfg: MMDiTConfig) -> int:
+  """References a request may have by default: FLUX.1 Kontext takes one, FLUX.2 up to 4."""
+  return 1 if cfg.family == "flux1" else 4
+
+
 class SparsePacker:
   """Plans and packs the references of a batch for one model config (see the module docstring).
 
@@ -226,7 +231,7 @@ class SparsePacker:
 
   def __init__(self, cfg: MMDiTConfig, ladder: BucketLadder = BucketLadder(), max_refs: int | None = None):
     self.cfg, self.ladder = cfg, ladder
-    self.max_refs = (1 if cfg.family == "flux1" else 4) if max_refs is None else max_refs
+    self.max_refs = default_max_refs(cfg) if max_refs is None else max_refs
     self.programs = ProgramCache(self._scores_and_gather, "pack")
     self.budget_programs = ProgramCache(self._adaptive_budgets, "budgets")
     self.score_programs = ProgramCache(self._all_scores, "scores")

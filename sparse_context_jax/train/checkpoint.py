@@ -16,7 +16,8 @@ from sparse_context_jax.errors import CheckpointError  # noqa: F401
 
 
 class RunCheckpoints:
-  """`<workdir>/checkpoints/<step>/{state, data, meta}`."""
+  """`<workdir>/checkpoints/<step>/{state, data, meta}`; meta holds the step, the config and the run's counters
+  (what accumulates over steps, e.g. the keep-ratio histogram)."""
 
   def __init__(self, workdir: str | os.PathLike, keep: int):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
@@ -26,11 +27,21 @@ class RunCheckpoints:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: dict, data_state: dict, config_json: str, force: bool = False) -> None:
+  def save(self, step: int, state: dict, data_state: dict, config_json: str, force: bool = False,
+           counters: dict | None = None) -> None:
     """Starts an asynchronous save (the arrays are copied before it returns; training goes on)."""
+    meta = {"step": step, "config": json.loads(config_json), "counters": counters or {}}
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-                              meta=ocp.args.JsonSave({"step": step, "config": json.loads(config_json)}))
+                              meta=ocp.args.JsonSave(meta))
     self.manager.save(step, args=args, force=force)
+
+  def meta(self, step: int) -> dict:
+    """The meta record of `step` alone (step, config, counters): read before the state, to check a resume."""
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # noqa: BLE001 - as in `restore`
+      raise CheckpointError(f"cannot read the record of step {step} in {self.directory}: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}") from e
 
   def restore(self, step: int, abstract_state: dict) -> tuple[dict, dict, dict]:
     """(state in the shardings of `abstract_state`, data iterator state, meta) of `step`."""

@@ -97,6 +97,43 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
   return config
 
 
+# What a resumed run may change (dotted config keys or prefixes): how it runs, never what it trains. model.init is
+# read only by a fresh run (a resume restores its own checkpoint), so it may move.
+RESUME_MAY_CHANGE = ("train.steps", "train.grad_accum", "log.", "checkpoint.", "mesh", "sharding_rules.",
+                     "model.remat", "model.scan_layers", "model.attention_impl", "model.init", "data.worker_count")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict) and v:
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def resume_changes(stored: dict, new: dict) -> tuple[dict, list[str]]:
+  """Compares a run's stored config with the config it resumes with (both as JSON dicts). Raises `ConfigError`
+  naming every changed key a resume may not change; returns the allowed changes {key: [old, new]} and warnings."""
+  a, b = _flat(stored), _flat(new)
+  changed = {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+  allowed = lambda k: any(k == p or (p.endswith(".") and k.startswith(p)) for p in RESUME_MAY_CHANGE)
+  refused = {k: v for k, v in changed.items() if not allowed(k)}
+  if refused:
+    shown = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in list(refused.items())[:6])
+    more = f" (+{len(refused) - 6} more)" if len(refused) > 6 else ""
+    raise ConfigError(f"the run's checkpoint was trained with another config: {shown}{more}; a resume may change "
+                      "only steps, grad_accum, logging, checkpointing, the mesh, remat/scan/attention and data "
+                      "workers (use a new --workdir to train something else)")
+  warnings = []
+  if "train.steps" in changed and b.get("train.schedule") == "cosine":
+    old, new_steps = changed["train.steps"]
+    warnings.append(f"train.steps {old} -> {new_steps} changes the cosine learning-rate schedule of the rest of "
+                    "the run")
+  return changed, warnings
+
+
 def model_config(config) -> MMDiTConfig:
   try:
     return preset(config.model.preset).replace(**dict(config.model.arch))
@@ -151,12 +188,16 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
     raise ConfigError(f"objective.dense_prob={o.dense_prob} (expected a probability in [0, 1])")
   if not (math.isfinite(o.logit_std) and o.logit_std > 0):
     raise ConfigError(f"objective.logit_std={o.logit_std} (expected > 0)")
+  if config.data.path and not Path(config.data.path).is_dir():
+    raise ConfigError(f"data.path={config.data.path!r} is not a folder (expected the output of build-dataset, or "
+                      "of precompute with data.encoder='latents')")
   if config.data.encoder == "latents":
     _check_latents(config)
   elif config.data.encoder != "pixels":
     raise ConfigError(f"data.encoder={config.data.encoder!r} (expected 'pixels' or 'latents')")
   elif config.data.text != "hashed":
-    raise ConfigError(f"data.text={config.data.text!r}: only the 'hashed' stand-in exists until text encoders land")
+    raise ConfigError(f"data.text={config.data.text!r}: pixel runs caption with the 'hashed' stand-in (real text "
+                      "embeddings come from precompute: data.encoder='latents')")
   if config.checkpoint.every <= 0 or config.checkpoint.keep <= 0 or config.log.every <= 0:
     raise ConfigError("checkpoint.every, checkpoint.keep and log.every must be > 0")
   rules = dict(config.sharding_rules)

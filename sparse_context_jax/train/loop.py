@@ -6,22 +6,27 @@
 from __future__ import annotations
 
 import collections
+import contextlib
+import dataclasses
+import json
 import os
+import shutil
 import signal
+import sys
 import time
 import zlib
 
 import grain
 import jax
 import numpy as np
-import tqdm
 
 from sparse_context_jax.data.latent_pipeline import make_latent_pipeline
 from sparse_context_jax.data.pipeline import make_pipeline
 from sparse_context_jax.parallel import batch_sharding, make_mesh
+from sparse_context_jax.progress import progress
 from sparse_context_jax.train.batches import latent_batch, pixel_batch, run_encoders
 from sparse_context_jax.train.checkpoint import RunCheckpoints
-from sparse_context_jax.train.config import model_config, validate
+from sparse_context_jax.train.config import ConfigError, model_config, resume_changes, validate
 from sparse_context_jax.train.metrics import MetricsWriter
 from sparse_context_jax.train.objective import step_rung
 from sparse_context_jax.train.state import init_state, load_params, setup
@@ -45,56 +50,62 @@ def dataset_path(config, workdir: str) -> str:
   return path
 
 
-def train(config, workdir: str, *, stop_after: int | None = None, devices=None) -> dict:
+@dataclasses.dataclass
+class Outcome:
+  """How a run ended: the last step saved, and whether a signal stopped it before its last step."""
+
+  step: int = 0
+  preempted: bool = False
+
+
+@contextlib.contextmanager
+def _removed_if_never_started(workdir: str):
+  """Creates `workdir`; if it did not exist and the body fails, removes it again (a run that never ran a step
+  leaves nothing behind)."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir {workdir} is a file, not a folder")
+  fresh = not os.path.exists(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  try:
+    yield
+  except BaseException:
+    if fresh and jax.process_index() == 0:
+      shutil.rmtree(workdir, ignore_errors=True)
+    raise
+
+
+def train(config, workdir: str, *, stop_after: int | None = None, devices=None,
+          outcome: Outcome | None = None) -> dict:
   """Runs (or resumes) the run in `workdir` up to `config.train.steps`, or `stop_after` more steps; returns the
-  final state. Saves every `checkpoint.every` steps, at the end, and on SIGTERM (then returns). `devices`: the
-  mesh's devices (default all)."""
+  final state. Saves every `checkpoint.every` steps, at the end, and on SIGTERM or SIGINT (then returns; a second
+  SIGINT aborts at once). `devices`: the mesh's devices (default all). `outcome`, when given, is filled in.
+
+  A resumed run refuses a config that changes what it trains (`config.resume_changes`); the changes it allows
+  (steps, logging, checkpoint cadence, mesh, ...) are applied and logged as an event.
+  """
   # ---- Config and mesh ---------------------------------------------------------------------------------------
   devices = jax.devices() if devices is None else list(devices)
   validate(config, len(devices), jax.process_count())
   cfg = model_config(config)
   mesh = make_mesh(config.mesh, devices)
-  os.makedirs(workdir, exist_ok=True)
   batch_size = config.train.batch_size
-
-  # ---- Input: this process's rows of every global batch ------------------------------------------------------
-  per_process = batch_size // jax.process_count()
-  _check_process_rows(mesh, batch_size)
-  common = dict(batch_size=per_process, seed=config.data.seed, max_refs=config.data.max_refs,
-                worker_count=config.data.worker_count,
-                shard=grain.sharding.ShardOptions(jax.process_index(), jax.process_count()))
-  if config.data.encoder == "latents":   # precomputed VAE latents and text embeddings
-    pipeline = make_latent_pipeline(config.data.path, **common)
-    to_model = lambda raw: latent_batch(raw, cfg)
-  else:                                  # pixels through the run's encoders (the local mode's stand-ins)
-    pipeline = make_pipeline(dataset_path(config, workdir), resolution=config.data.resolution, **common)
-    image, text = run_encoders(config, cfg)
-    to_model = lambda raw: pixel_batch(raw, cfg, image, text)
-  data = iter(pipeline)
-
-  # ---- Model and train state: resume, else initialise (from a converted checkpoint or at random) -------------
-  static = setup(config, cfg, mesh)
-  ckpt = RunCheckpoints(workdir, config.checkpoint.keep)
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state, data_state, _ = ckpt.restore(latest, static.abstract)
-    data.set_state(data_state)
-  else:
-    params = None
-    if config.model.init:
-      params = load_params(config, cfg, static)
-    state = init_state(config, cfg, static, params)
+  config_json = config.to_json_best_effort()
+  with _removed_if_never_started(workdir):
+    state, data, ckpt, log, static, to_model, ratios = _start(config, cfg, mesh, workdir, config_json)
   start = int(jax.device_get(state["step"]))
-  log = MetricsWriter(workdir, start_step=start)   # a resumed run drops the records of the steps it redoes
 
   # ---- Loop ---------------------------------------------------------------------------------------------------
   programs = step_programs(static, config)
-  ratios = collections.Counter()
   stop = {"signal": None}
-  previous = signal.signal(signal.SIGTERM, lambda sig, frame: stop.update(signal=sig))
+
+  def on_signal(sig, frame):
+    if sig == signal.SIGINT and stop["signal"] is not None:
+      raise KeyboardInterrupt   # a second Ctrl-C: abort now, without waiting for the step and its save
+    stop["signal"] = sig
+
+  previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
   end = config.train.steps if stop_after is None else min(config.train.steps, start + stop_after)
-  bar = tqdm.tqdm(total=end, initial=start, disable=not config.log.progress or jax.process_index() != 0)
-  config_json = config.to_json_best_effort()
+  bar = progress(end, "train", "step", initial=start, enabled=config.log.progress and jax.process_index() == 0)
   step, last = start, time.perf_counter()
   try:
     while step < end:
@@ -129,16 +140,69 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None) 
         bar.set_postfix(loss=f"{m['loss']:.4f}", keep=rung.ratio)
         last = now
       if step % config.checkpoint.every == 0 or step == end or stopping:
-        ckpt.save(step, state, data.get_state(), config_json, force=True)
+        ckpt.save(step, state, data.get_state(), config_json, force=True, counters=_counters(ratios))
       if stopping:
         log.write({"event": "preempted", "step": step})
         break
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
     bar.close()
     ckpt.close()
     log.close()
+  if outcome is not None:
+    outcome.step, outcome.preempted = step, step < end
   return state
+
+
+def _counters(ratios: collections.Counter) -> dict:
+  """What accumulates over a run and is checkpointed with it: the keep-ratio histogram."""
+  return {"keep_histogram": [[float(k), int(v)] for k, v in sorted(ratios.items())]}
+
+
+def _start(config, cfg, mesh, workdir: str, config_json: str):
+  """The input pipeline, the restored or initial state, the checkpoints and metrics of a run (see `train`)."""
+  batch_size = config.train.batch_size
+  # ---- Input: this process's rows of every global batch ------------------------------------------------------
+  per_process = batch_size // jax.process_count()
+  _check_process_rows(mesh, batch_size)
+  common = dict(batch_size=per_process, seed=config.data.seed, max_refs=config.data.max_refs,
+                worker_count=config.data.worker_count,
+                shard=grain.sharding.ShardOptions(jax.process_index(), jax.process_count()))
+  if config.data.encoder == "latents":   # precomputed VAE latents and text embeddings
+    pipeline = make_latent_pipeline(config.data.path, **common)
+    to_model = lambda raw: latent_batch(raw, cfg)
+  else:                                  # pixels through the run's encoders (the local mode's stand-ins)
+    pipeline = make_pipeline(dataset_path(config, workdir), resolution=config.data.resolution, **common)
+    image, text = run_encoders(config, cfg)
+    to_model = lambda raw: pixel_batch(raw, cfg, image, text)
+  data = iter(pipeline)
+
+  # ---- Model and train state: resume, else initialise (from a converted checkpoint or at random) -------------
+  static = setup(config, cfg, mesh)
+  ckpt = RunCheckpoints(workdir, config.checkpoint.keep)
+  latest = ckpt.latest_step()
+  ratios = collections.Counter()
+  changed = {}
+  if latest is not None:
+    stored = ckpt.meta(latest)
+    changed, warnings = resume_changes(stored["config"], json.loads(config_json))
+    for w in warnings:
+      if jax.process_index() == 0:
+        print(f"warning: {w}", file=sys.stderr)
+    state, data_state, meta = ckpt.restore(latest, static.abstract)
+    data.set_state(data_state)
+    ratios.update({float(k): int(v) for k, v in meta.get("counters", {}).get("keep_histogram", [])})
+  else:
+    params = None
+    if config.model.init:
+      params = load_params(config, cfg, static)
+    state = init_state(config, cfg, static, params)
+  start = int(jax.device_get(state["step"]))
+  log = MetricsWriter(workdir, start_step=start)   # a resumed run drops the records of the steps it redoes
+  if changed:
+    log.write({"event": "resume_config", "step": start, "changed": changed})
+  return state, data, ckpt, log, static, to_model, ratios
 
 
 def _check_process_rows(mesh, batch: int) -> None:
