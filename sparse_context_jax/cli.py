@@ -37,20 +37,32 @@ class UserError(Exception):
   """An error the user can fix (bad argument, missing file): reported as one line, no traceback."""
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse, with a usage error reported like every other user error: one line, exit status 2."""
+
+  def error(self, message):
+    raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="sparse_context_jax", description=__doc__.splitlines()[0])
-  sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+  parser = _Parser(prog="sparse_context_jax", description=__doc__.splitlines()[0])
+  sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
   for name, (module, help_text) in COMMANDS.items():
     p = sub.add_parser(name, help=help_text, description=help_text)
     p.set_defaults(module=module)
     importlib.import_module(module).add_arguments(p)
-  args, extra = parser.parse_known_args(argv)
+  try:
+    args, extra = parser.parse_known_args(argv)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   # A command may take a family of options argparse cannot declare (train: --config.KEY=VALUE overrides): it
   # names their prefix in EXTRA_PREFIX and receives them, prefix removed, as args.extra.
   prefix = getattr(importlib.import_module(args.module), "EXTRA_PREFIX", None)
   unknown = [a for a in extra if not (prefix and a.startswith(prefix))]
   if unknown:
-    parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    print(f"error: {parser.prog} {args.command}: unrecognized arguments: {' '.join(unknown)}", file=sys.stderr)
+    return 2
   args.extra = [a[len(prefix):] for a in extra] if prefix else []
   try:
     return importlib.import_module(args.module).run(args) or 0

@@ -98,15 +98,16 @@ def _peak_rss_mib() -> float:
 
 
 def _prompt_encoder(args, cfg: MMDiTConfig):
+  """The text encoder the flags name, or None."""
+  if not (args.random_text_encoder or args.text_encoder):
+    return None
   from sparse_context_jax.encoders.prompts import load_prompt_encoder, random_prompt_encoder
   try:
     if args.random_text_encoder:
       return random_prompt_encoder(cfg, seed=args.seed + 2)
-    if args.text_encoder:
-      return load_prompt_encoder(*args.text_encoder, dtype=jnp.dtype(args.dtype))
+    return load_prompt_encoder(*args.text_encoder, dtype=jnp.dtype(args.dtype))
   except (CheckpointError, ValueError) as e:
     raise UserError(str(e)) from None
-  return None
 
 
 def run(args) -> int:

@@ -32,6 +32,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+  from sparse_context_jax.data import open_dataset
   from sparse_context_jax.data.precompute import REAL_ENCODERS, load_encoders, precompute
   if args.encoders is None:
     raise UserError("precompute needs --encoders: vae:PATH (a converted Flax VAE; captions get the hashed stand-in "
@@ -43,9 +44,10 @@ def run(args) -> int:
     raise UserError(f"--resolution {args.resolution} (expected a positive multiple of {TOKEN_PIXELS})")
   start = time.perf_counter()
   try:
+    dataset = open_dataset(args.dataset)   # before the encoders: a wrong folder is found at once
     encoders = load_encoders(args.encoders, text_len=args.text_len, text_dim=args.text_dim,
                                pooled_dim=args.pooled_dim)
-    count = precompute(args.dataset, args.out, encoders, batch_size=args.batch, resolution=args.resolution,
+    count = precompute(dataset, args.out, encoders, batch_size=args.batch, resolution=args.resolution,
                          force=args.force, progress=True)
   except (FileExistsError, FileNotFoundError, ValueError) as e:
     raise UserError(str(e)) from None
