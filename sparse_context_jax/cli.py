@@ -19,6 +19,8 @@ COMMANDS = {
                       "a reference-pair dataset (ArrayRecord) from a JSONL manifest or the synthetic world"),
     "convert": ("sparse_context_jax.commands.convert", "a PyTorch FLUX checkpoint (BFL or diffusers) to orbax"),
     "demo": ("sparse_context_jax.commands.demo", "presets, then a small model run dense and with sparse references"),
+    "encode-prompts": ("sparse_context_jax.commands.encode_prompts",
+                       "text prompts (a list or generate's jobs) -> .npz embeddings, reusable across runs"),
     "export": ("sparse_context_jax.commands.export", "a converted checkpoint back to one .safetensors file"),
     "generate": ("sparse_context_jax.commands.generate",
                  "batch generation with sparse references: JSONL jobs -> PNGs and a JSON report"),

@@ -144,10 +144,11 @@ def run(args) -> int:
 
 def _generation(args, model: JittedMMDiT, cfg) -> None:
   """Batch generation of synthetic-world composition jobs (references, masks, captions with a known answer) through
-  the path of the `generate` command: a JSONL jobs file with its reference and mask PNGs and prompt embeddings is
-  written to a temporary folder, read back by `read_jobs` and run by the `Generator` over a `Pipeline`, dense and
-  then with the task-aware sparse default (hybrid: edges for editing, saliency for composition) at --keep. Random
-  weights and random prompt embeddings: the PNGs show the pipeline, not a model."""
+  the path of the `generate` command: a JSONL jobs file with its reference and mask PNGs and text prompts is written
+  to a temporary folder, read back by `read_jobs`, its prompts encoded by a random-weights Qwen3 text encoder with a
+  tiny tokenizer (`generate --random-text-encoder`), and run by the `Generator` over a `Pipeline`, dense and then
+  with the task-aware sparse default (hybrid: edges for editing, saliency for composition) at --keep. Random
+  weights: the PNGs show the pipeline, not a model."""
   import json
   import tempfile
   import time
@@ -156,8 +157,10 @@ def _generation(args, model: JittedMMDiT, cfg) -> None:
   from jax.sharding import Mesh
 
   from sparse_context_jax.data.world import example
+  from sparse_context_jax.encoders.prompts import random_prompt_encoder
   from sparse_context_jax.encoders.vae import VAEImageEncoder
   from sparse_context_jax.generate import Generator, Pipeline, read_jobs
+  from sparse_context_jax.generate.prompts import encode_job_prompts
   from sparse_context_jax.images import encode_png
   from sparse_context_jax.model.vae import AutoencoderKL, VAEConfig
 
@@ -168,7 +171,7 @@ def _generation(args, model: JittedMMDiT, cfg) -> None:
                       VAEImageEncoder(AutoencoderKL(vae_cfg, rngs=nnx.Rngs(args.seed + 1))),
                       mesh=Mesh(np.array(jax.devices()), ("data",)))
   gen = Generator(pipeline, batch_size=2)
-  rng = np.random.default_rng(args.seed)
+  text_encoder = random_prompt_encoder(cfg, seed=args.seed + 2)
   out = Path(args.out).resolve()
   out.mkdir(parents=True, exist_ok=True)
   keep = args.keep or 0.25
@@ -186,9 +189,8 @@ def _generation(args, model: JittedMMDiT, cfg) -> None:
         for name, data, kind in ((f"ref{i}_{r}.png", pixels, refs), (f"mask{i}_{r}.png", mask, masks)):
           (jobs_dir / name).write_bytes(encode_png(data))
           kind.append(name)
-      np.savez(jobs_dir / f"prompt{i}.npz", txt=rng.standard_normal((args.txt, cfg.context_dim)).astype(np.float32))
       for label, budget in (("dense", 1.0), ("sparse", keep)):
-        lines[label].append({"prompt_embeds": f"prompt{i}.npz", "references": refs, "masks": masks, "task": ex.task,
+        lines[label].append({"prompt": ex.caption, "references": refs, "masks": masks, "task": ex.task,
                              "keep": budget, "size": [args.size, args.size], "steps": 4, "seed": i,
                              "output": str(out / f"{label}_{i}.png")})
     base = None
@@ -196,8 +198,9 @@ def _generation(args, model: JittedMMDiT, cfg) -> None:
       path = jobs_dir / f"{name}.jsonl"
       path.write_text("".join(json.dumps(line) + "\n" for line in lines[name]))
       jobs, bad = read_jobs(path, cfg, pipeline.packer.max_refs, force=True)
-      if bad:
-        raise AssertionError(f"the demo's own jobs are invalid: {bad}")
+      jobs, bad_prompts, _ = encode_job_prompts(jobs, text_encoder, max_sequence_length=args.txt, batch_size=2)
+      if bad or bad_prompts:
+        raise AssertionError(f"the demo's own jobs are invalid: {bad + bad_prompts}")
       gen.run_batch([gen.prepare(jobs[0])])            # compile
       t0 = time.perf_counter()
       results = list(gen.run(jobs))

@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sparse_context_jax.cli import UserError
-from sparse_context_jax.convert import CheckpointError, load_model, load_vae, read_config
+from sparse_context_jax.convert import CheckpointError, load_model, load_vae, pipeline_components, read_config
 from sparse_context_jax.convert.output import atomic_output
 from sparse_context_jax.encoders.vae import VAEImageEncoder
 from sparse_context_jax.generate import BadJob, Failed, Generator, Pipeline, read_jobs
@@ -38,10 +38,11 @@ from sparse_context_jax.sparse.pack import default_max_refs
 def add_arguments(parser) -> None:
   parser.add_argument("jobs", metavar="JOBS.jsonl", help="one job per line (see sparse_context_jax/generate/jobs.py)")
   model = parser.add_mutually_exclusive_group(required=True)
-  model.add_argument("--model", metavar="DIR", help="a transformer converted with `convert`")
+  model.add_argument("--model", metavar="DIR", help="a transformer converted with `convert`, or a converted pipeline "
+                     "folder (its VAE and text encoder(s) serve unless --vae / --text-encoder name others)")
   model.add_argument("--random-model", metavar="PRESET|CONFIG_JSON",
                      help="random weights of a preset or of an MMDiTConfig JSON file (for timing and tests)")
-  vae = parser.add_mutually_exclusive_group(required=True)
+  vae = parser.add_mutually_exclusive_group()
   vae.add_argument("--vae", metavar="DIR", help="a VAE converted with `convert`")
   vae.add_argument("--random-vae", metavar="flux1|flux2|CONFIG_JSON", help="random VAE weights")
   text = parser.add_mutually_exclusive_group()
@@ -71,6 +72,23 @@ def _random_config(spec: str, presets: dict, cls, what: str):
   except (OSError, ValueError, TypeError) as e:
     raise UserError(f"--random-{what} {spec}: neither a preset ({', '.join(sorted(presets))}) nor a readable "
                     f"config JSON ({e})") from None
+
+
+def _resolve_folders(args) -> None:
+  """A converted pipeline folder as --model: its transformer, and its VAE and text encoder(s) where the flags name
+  none. Leaves args.model, args.vae and args.text_encoder naming single converted folders."""
+  components = pipeline_components(args.model) if args.model else {}
+  if components:
+    if "transformer" not in components:
+      raise UserError(f"--model {args.model}: a converted pipeline without a transformer")
+    args.model = str(components["transformer"])
+    if not (args.vae or args.random_vae) and "vae" in components:
+      args.vae = str(components["vae"])
+    texts = [str(components[k]) for k in ("text_encoder", "text_encoder_2") if k in components]
+    if not (args.text_encoder or args.random_text_encoder) and texts:
+      args.text_encoder = texts
+  if not (args.vae or args.random_vae):
+    raise UserError("give --vae DIR or --random-vae (or a converted pipeline folder with a VAE as --model)")
 
 
 def _model_config(args) -> MMDiTConfig:
@@ -119,6 +137,7 @@ def run(args) -> int:
     raise UserError(f"jobs file {args.jobs} does not exist" if not jobs_path.exists() else
                     f"jobs file {args.jobs} is not a file")
   report_path = Path(args.report or jobs_path.with_suffix(".report.json"))
+  _resolve_folders(args)
   cfg = _model_config(args)
 
   # ---- Every job checked before any model is built ------------------------------------------------------------

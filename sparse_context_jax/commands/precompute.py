@@ -1,14 +1,17 @@
 """Turn a dataset into a latent dataset (VAE latents of target and references, text embeddings; ArrayRecord).
 
-`--encoders vae:PATH` encodes images with the project's Flax VAE (PATH: a VAE folder written by `convert`). Real
-text encoders are still missing, so its captions get the hashed stand-in embedding (`--text-len` x `--text-dim`,
-the model's context_dim, and `--pooled-dim` for FLUX.1). `--encoders module:attribute` names your own
+`--encoders vae:PATH,text:PATH` encodes images with the project's Flax VAE and captions with its text encoder(s)
+(folders written by `convert`; `text:` twice for FLUX.1's T5 and CLIP, or once for a converted pipeline folder),
+`--text-len` tokens per caption (default 512, as the pipelines encode prompts). `--encoders vae:PATH` alone is the
+local mode: its captions get the hashed stand-in embedding (`--text-len` (default 32) x `--text-dim`, the model's
+context_dim, and `--pooled-dim` for FLUX.1), not a text encoder's. `--encoders module:attribute` names your own
 `sparse_context_jax.encoders.Encoders` (or a function returning one).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 from sparse_context_jax.cli import UserError
@@ -18,10 +21,11 @@ from sparse_context_jax.model.positions import TOKEN_PIXELS
 def add_arguments(parser) -> None:
   parser.add_argument("dataset", metavar="DATASET", help="a folder written by build-dataset")
   parser.add_argument("out", metavar="OUT", help="latent folder to create (must not exist or be empty)")
-  parser.add_argument("--encoders", metavar="SPEC", help="vae:PATH (a converted Flax VAE, with the hashed stand-in "
-                      "text: real text encoders are still missing), a registered name, or module:attribute giving "
-                      "an Encoders")
-  parser.add_argument("--text-len", type=int, default=32, help="vae:PATH: stand-in text tokens per caption")
+  parser.add_argument("--encoders", metavar="SPEC", help="vae:PATH,text:PATH[,text:PATH] (converted Flax VAE and "
+                      "text encoders), vae:PATH alone (the hashed stand-in text), or module:attribute giving an "
+                      "Encoders")
+  parser.add_argument("--text-len", type=int, help="text tokens per caption (default 512 with text:PATH, 32 for the "
+                      "stand-in)")
   parser.add_argument("--text-dim", type=int, default=0, help="vae:PATH: stand-in text features, the model's "
                       "context_dim (required with vae:PATH)")
   parser.add_argument("--pooled-dim", type=int, default=0, help="vae:PATH: pooled text vector size, the model's "
@@ -33,11 +37,12 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
   from sparse_context_jax.data import open_dataset
-  from sparse_context_jax.data.precompute import REAL_ENCODERS, load_encoders, precompute
+  from sparse_context_jax.data.precompute import load_encoders, precompute
   if args.encoders is None:
-    raise UserError("precompute needs --encoders: vae:PATH (a converted Flax VAE; captions get the hashed stand-in "
-                    f"text, real text encoders are still missing), one of {sorted(REAL_ENCODERS)} or "
-                    "module:attribute")
+    raise UserError("precompute needs --encoders: vae:PATH,text:PATH (converted VAE and text encoder), vae:PATH "
+                    "(captions get the hashed stand-in text) or module:attribute")
+  if args.text_len is not None and args.text_len <= 0:
+    raise UserError(f"--text-len {args.text_len} (expected > 0)")
   if args.batch <= 0:
     raise UserError(f"--batch {args.batch} (expected > 0)")
   if args.resolution <= 0 or args.resolution % TOKEN_PIXELS:
@@ -51,6 +56,9 @@ def run(args) -> int:
                          force=args.force, progress=True)
   except (FileExistsError, FileNotFoundError, ValueError) as e:
     raise UserError(str(e)) from None
+  if "text:" not in args.encoders and args.encoders.startswith("vae:"):
+    print("note: captions were embedded with the hashed stand-in (local mode), not a text encoder; give "
+          "text:PATH for real text embeddings", file=sys.stderr)
   print(f"wrote {count} latent records ({encoders.name}) to {os.fspath(args.out)} in "
         f"{time.perf_counter() - start:.1f} s")
   return 0

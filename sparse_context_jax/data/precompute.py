@@ -1,10 +1,9 @@
 """A dataset -> a latent dataset: VAE latents and text embeddings computed once, so training never re-runs the
 encoders.
 
-Encoders are pluggable (`encoders.Encoders`): `vae:PATH` is the project's Flax VAE (a converted VAE folder) with
-the hashed stand-in text (real text encoders are still missing), `module:attr` names your own. `REAL_ENCODERS`
-(named real image + text encoders) stays empty until the text encoders land, and the `precompute` command refuses
-to run without an explicit `--encoders`.
+Encoders are pluggable (`encoders.Encoders`): `vae:PATH,text:PATH` is the project's Flax VAE and text encoder(s)
+(converted folders), `vae:PATH` alone pairs the VAE with the hashed stand-in text (the local mode's), and
+`module:attr` names your own.
 
 Output folder: `latents.array_record` (one record per dataset record, bucket by bucket, padding never written) and
 `latents.json` (count, encoder name, buckets, source), `shapes.npy` ((count, 2) int32: each record's latent
@@ -27,7 +26,6 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
 
 import grain
 import numpy as np
@@ -42,21 +40,22 @@ from sparse_context_jax.progress import progress as progress_bar
 LATENTS_FILE, INFO_FILE, SHAPES_FILE = "latents.array_record", "latents.json", "shapes.npy"
 
 
-# name -> factory of real image + text encoders; empty until the Flax text encoders land (a later issue).
-REAL_ENCODERS: dict[str, Callable[[], Encoders]] = {}
-
-
-def load_encoders(spec: str, *, text_len: int = 32, text_dim: int = 0, pooled_dim: int = 0) -> Encoders:
-  """`name` of REAL_ENCODERS; `vae:PATH`, the converted Flax VAE at PATH with the hashed stand-in text of
-  text_len x text_dim (and a pooled_dim vector when > 0; see `vae_encoders`); or `module:attribute` naming an
-  `Encoders` or a function returning one."""
-  if spec in REAL_ENCODERS:
-    return REAL_ENCODERS[spec]()
+def load_encoders(spec: str, *, text_len: int | None = None, text_dim: int = 0, pooled_dim: int = 0) -> Encoders:
+  """`vae:PATH,text:PATH[,text:PATH]`: the converted Flax VAE at PATH and the converted text encoder(s) (one Qwen3 /
+  Mistral folder, T5 and CLIP, or a converted pipeline folder), `text_len` (default 512) tokens per caption;
+  `vae:PATH` alone: the hashed stand-in text of text_len (default 32) x text_dim (and a pooled_dim vector when
+  > 0), the local mode's; or `module:attribute` naming an `Encoders` or a function returning one."""
   if spec.startswith("vae:"):
-    return _vae_encoders(spec[len("vae:"):], text_len=text_len, text_dim=text_dim, pooled_dim=pooled_dim)
+    parts = [p.partition(":") for p in spec.split(",")]
+    bad = [f"{k}{c}{v}" for k, c, v in parts if k not in ("vae", "text") or not v]
+    vae = [v for k, _, v in parts if k == "vae"]
+    if bad or len(vae) != 1:
+      raise ValueError(f"encoders {spec!r}: expected vae:PATH, then optionally text:PATH (twice for T5 and CLIP)")
+    return _vae_encoders(vae[0], [v for k, _, v in parts if k == "text"], text_len=text_len, text_dim=text_dim,
+                         pooled_dim=pooled_dim)
   module, _, attr = spec.partition(":")
   if not attr:
-    raise ValueError(f"encoders {spec!r}: expected one of {sorted(REAL_ENCODERS)}, vae:PATH or module:attribute")
+    raise ValueError(f"encoders {spec!r}: expected vae:PATH[,text:PATH] or module:attribute")
   try:
     found = getattr(importlib.import_module(module), attr)
   except (ImportError, AttributeError) as e:
@@ -67,20 +66,40 @@ def load_encoders(spec: str, *, text_len: int = 32, text_dim: int = 0, pooled_di
   return enc
 
 
-def _vae_encoders(path: str, *, text_len: int, text_dim: int, pooled_dim: int) -> Encoders:
-  """The converted VAE at `path` with the hashed stand-in text; ValueError if `path` is not a converted VAE."""
+class _Captions:
+  """A prompt encoder at a fixed caption length: the `TextEncoder` precompute runs."""
+
+  def __init__(self, encoder, paths: list[str], length: int):
+    self.encoder, self.length = encoder, length
+    self.name = "text:" + "+".join(os.path.basename(os.path.abspath(p)) for p in paths) + f"@{length}"
+
+  def __call__(self, captions):
+    return self.encoder(list(captions), max_sequence_length=self.length)
+
+
+def _vae_encoders(path: str, text_paths: list[str], *, text_len: int | None, text_dim: int,
+                  pooled_dim: int) -> Encoders:
+  """The converted VAE at `path` with the converted text encoder(s) at `text_paths`, or the hashed stand-in text
+  when there are none; ValueError if a path is not what it should be."""
   from sparse_context_jax.convert import load
-  from sparse_context_jax.encoders.hashed_text import HashedText
   from sparse_context_jax.encoders.vae import VAEImageEncoder, precompute_encoders
   from sparse_context_jax.errors import CheckpointError
   from sparse_context_jax.model.vae import AutoencoderKL
-  text = HashedText(text_len, text_dim, pooled_dim)
   try:
     vae = load(path)
   except CheckpointError as e:
     raise ValueError(f"encoders vae:{os.fspath(path)}: {e}") from None
   if not isinstance(vae, AutoencoderKL):
     raise ValueError(f"encoders vae:{os.fspath(path)}: a converted {type(vae).__name__}, not a VAE")
+  if text_paths:
+    from sparse_context_jax.encoders.prompts import load_prompt_encoder
+    try:
+      text = _Captions(load_prompt_encoder(*text_paths), text_paths, text_len or 512)
+    except (CheckpointError, ValueError) as e:
+      raise ValueError(f"encoders text:{','.join(text_paths)}: {e}") from None
+  else:
+    from sparse_context_jax.encoders.hashed_text import HashedText
+    text = HashedText(text_len or 32, text_dim, pooled_dim)
   return precompute_encoders(VAEImageEncoder(vae, f"vae:{os.path.basename(os.path.abspath(path))}"), text)
 
 
