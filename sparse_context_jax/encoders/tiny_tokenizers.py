@@ -1,9 +1,10 @@
 """Tiny tokenizers of the four FLUX text-encoder families, built offline (no download) for random text encoders.
 
-Each vocabulary is learnt from a small fixed corpus (deterministically: the same vocabulary every time), wrapped in the transformers class the real
-model uses (`Qwen2Tokenizer`, `T5Tokenizer`, `CLIPTokenizer`; the generic `TokenizersBackend` for Mistral, as
-transformers itself loads Mistral's `tokenizer.json`), given the real special tokens and a chat template that
-renders the FLUX prompts as the real one does, and saved with `save_pretrained`: `AutoTokenizer` loads the folder.
+Each vocabulary is learnt from a small fixed corpus (deterministically: the same one every time), wrapped in the
+transformers class the real model uses (`Qwen2Tokenizer`, `T5Tokenizer`, `CLIPTokenizer`; the generic
+`TokenizersBackend` for Mistral, as transformers itself loads Mistral's `tokenizer.json`), given the real special
+tokens and a chat template that renders the FLUX prompts as the real one does, and saved with `save_pretrained`:
+`AutoTokenizer` loads the folder.
 """
 
 from __future__ import annotations
