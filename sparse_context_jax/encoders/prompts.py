@@ -184,15 +184,16 @@ def load_prompt_encoder(*paths, dtype=jnp.float32, mesh: jax.sharding.Mesh | Non
   CLIP in either order (FLUX.1), or a converted pipeline folder (its `text_encoder/`, `text_encoder_2/` and
   tokenizers). `dtype`: parameter and compute dtype (outputs are float32); `mesh`: parameters loaded sharded onto
   it. ValueError (CheckpointError for a bad checkpoint) naming the folder on any mismatch."""
-  from sparse_context_jax.convert import load, read_config
+  from sparse_context_jax.convert import load_text_encoder, read_config
+  from sparse_context_jax.convert.kinds import kind_of
   if not paths:
     raise ValueError("no text encoder folder given (expected a converted Qwen3 or Mistral encoder, T5 and CLIP, or "
                      "a converted pipeline)")
   parts = []
   for folder, sibling in [f for p in paths for f in _text_folders(p)]:
     cfg = read_config(folder)
-    if not hasattr(cfg, "architecture"):
-      raise ValueError(f"{folder} is a converted {type(cfg).__name__}, not a text encoder")
+    if not kind_of(cfg).text:
+      raise ValueError(f"{folder} is a converted {kind_of(cfg).noun}, not a text encoder")
     tokenizer = load_tokenizer(folder, sibling)
     check_vocab(tokenizer, cfg, str(folder))
     parts.append((text_kind(cfg), folder, tokenizer))
@@ -202,7 +203,7 @@ def load_prompt_encoder(*paths, dtype=jnp.float32, mesh: jax.sharding.Mesh | Non
     stream = next(s for s in recipe.streams if kind in s.kinds)
     if stream.chat is not None and not tokenizer.chat_template:
       raise ValueError(f"the tokenizer of {folder} has no chat template ({recipe.name} formats prompts with it)")
-    encoders[stream.component] = load(folder, dtype=dtype, mesh=mesh)
+    encoders[stream.component] = load_text_encoder(folder, dtype=dtype, mesh=mesh)
     tokenizers[stream.component] = tokenizer
   return PromptEncoder(recipe, encoders, tokenizers, name=f"{recipe.name}-text:" + "+".join(
       str(folder) for _, folder, _ in parts))
