@@ -30,15 +30,17 @@ class PromptEmbeddings:
   """A batch of prompts as the MMDiT reads them.
 
   txt: (B, T, context_dim) float32; y: (B, pooled_dim) for FLUX.1, else None; txt_ids: (T, n_axes) or
-  (B, T, n_axes), or None for the model's plain text ids (`model.positions.text_ids`).
+  (B, T, n_axes), or None for the model's plain text ids (`model.positions.text_ids`); truncated: per prompt,
+  whether its tokens were cut at T (empty when unknown; metadata, not a pytree leaf).
   """
 
   txt: np.ndarray
   y: np.ndarray | None = None
   txt_ids: np.ndarray | None = None
+  truncated: tuple[bool, ...] = ()
 
 
-jax.tree_util.register_dataclass(PromptEmbeddings, data_fields=["txt", "y", "txt_ids"], meta_fields=[])
+jax.tree_util.register_dataclass(PromptEmbeddings, data_fields=["txt", "y", "txt_ids"], meta_fields=["truncated"])
 
 
 def prompt_arrays(emb: PromptEmbeddings) -> dict[str, np.ndarray]:
