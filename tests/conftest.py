@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import functools
+import os
 
-import jax
+# The test environment has the TPU runtime (for `plan`): without this jax would probe for a TPU in every process
+# and print libtpu's warnings on stderr, which the one-line error checks read. Subprocesses inherit it.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
 import jax.numpy as jnp
 import numpy as np
 import pytest

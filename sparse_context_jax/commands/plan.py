@@ -1,0 +1,106 @@
+"""Compile the train step of a config for a TPU topology from this machine and print its memory per chip, FLOPs,
+a roofline step time and MFU, for every rung of its bucket ladder: `plan --config configs/FILE.py[:ARG]
+--topology v5p-128 [--config.KEY=VALUE ...]`. Needs the TPU runtime (libtpu), not a TPU.
+
+Exit status: 0 when every rung fits in the chip's HBM, 3 when one does not, 2 on a user error.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from sparse_context_jax.cli import UserError
+
+EXTRA_PREFIX = "--config."
+EXIT_DOES_NOT_FIT = 3
+
+
+def add_arguments(parser) -> None:
+  parser.add_argument("--config", required=True, metavar="FILE.py[:ARG]", help="a get_config(arg) file")
+  parser.add_argument("--topology", required=True, metavar="NAME",
+                      help="a TPU slice: CHIP:AxB[xC] (v5e:2x2, v5p:2x2x2) or CHIP-N (v5e-16, v5p-128); "
+                           "chips v4, v5e, v5p, v6e")
+  parser.add_argument("--rung", type=float, action="append", metavar="KEEP",
+                      help="plan only this keep ratio of the ladder (repeatable; default every rung the config "
+                           "can draw)")
+  parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+  parser.epilog = "Override any config key with --config.KEY=VALUE (e.g. --config.mesh='(1, -1, 4)')."
+
+
+def gib(n: float) -> str:
+  return f"{n / 2**30:.2f}"
+
+
+def table(plans, topology) -> str:
+  """One row per rung; bytes in GiB, or MiB when the largest total is under 1 GiB."""
+  hbm = topology.chip.hbm_bytes
+  unit, scale = ("GiB", 2**30) if max(p.total_bytes for p in plans) >= 2**30 else ("MiB", 2**20)
+  b = lambda n: f"{n / scale:.2f}"
+  head = (f"{'keep':>6} {'seq':>6} {'params':>7} {'opt':>7} {'batch':>6} {'args':>7} {'out':>7} {'temp':>7} "
+          f"{'total':>7} {'of HBM':>6} {'TFLOP/step':>10} {'step s':>8} {'MFU':>5} {'compile s':>9}  fits")
+  rows = [f"per chip, {unit} (HBM {gib(hbm)} GiB per {topology.chip.name} chip); FLOPs of the whole step on all "
+          "chips; step time and MFU: roofline estimates", head, "-" * len(head)]
+  for p in plans:
+    e = p.estimate
+    rows.append(f"{p.ratio:>6.4g} {p.seq:>6} {b(p.params_bytes):>7} {b(p.opt_bytes):>7} {b(p.batch_bytes):>6} "
+                f"{b(p.argument_bytes):>7} {b(p.output_bytes):>7} {b(p.temp_bytes):>7} {b(p.total_bytes):>7} "
+                f"{p.total_bytes / hbm:>6.0%} {p.flops / 1e12:>10.1f} "
+                f"{(f'{e.step_seconds:.3f}' if e else '-'):>8} {(f'{e.mfu:.0%}' if e else '-'):>5} "
+                f"{p.compile_seconds:>9.1f}  {'yes' if fits(p, topology) else 'NO'}")
+  return "\n".join(rows)
+
+
+def fits(plan, topology) -> bool:
+  return not plan.error and plan.total_bytes <= topology.chip.hbm_bytes
+
+
+def write_json(path: str, plans, topology, config) -> None:
+  import dataclasses
+  import json
+  rows = [{**{k: v for k, v in dataclasses.asdict(p).items() if k != "param_specs"}, "total_bytes": p.total_bytes, "fits": fits(p, topology)} for p in plans]
+  with open(path, "w") as f:
+    json.dump({"topology": topology.name, "accelerator_type": topology.accelerator_type, "chips": topology.chips,
+               "hbm_bytes": topology.chip.hbm_bytes, "mesh": list(config.mesh), "rungs": rows}, f, indent=1)
+
+
+def run(args) -> int:
+  from sparse_context_jax.plan.chips import parse_topology
+  from sparse_context_jax.train.config import ConfigError, apply_overrides, load, model_config, validate
+  try:
+    topology = parse_topology(args.topology)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  try:
+    config = apply_overrides(load(args.config), args.extra)
+    validate(config, topology.chips)
+    model_config(config)
+  except ConfigError as e:
+    raise UserError(str(e)) from None
+  from sparse_context_jax.plan.train import drawable_rungs, plan_train
+  ratios = drawable_rungs(config.objective)
+  if args.rung:
+    bad = [r for r in args.rung if r not in ratios]
+    if bad:
+      raise UserError(f"--rung {bad[0]:g}: not a rung this config draws (it draws {', '.join(f'{r:g}' for r in ratios)})")
+    ratios = tuple(sorted(set(args.rung)))
+  try:
+    topology.devices()
+  except Exception as e:   # noqa: BLE001 - libtpu's error for a slice it does not know
+    raise UserError(f"topology {args.topology!r}: libtpu refused it: {' '.join(str(e).split())[:200]}") from None
+  print(f"{args.config} on {topology.name} ({topology.accelerator_type}, {topology.chips} chips), mesh "
+        f"(data, fsdp, tensor) = {tuple(config.mesh)}, batch {config.train.batch_size}, rungs "
+        f"{', '.join(f'{r:g}' for r in ratios)}", flush=True)
+  plans = plan_train(config, topology, ratios, on_rung=lambda p: print(
+      f"  compiled keep {p.ratio:g} in {p.compile_seconds:.0f} s" + (" (out of memory)" if p.error else ""),
+      file=sys.stderr, flush=True))
+  print(table(plans, topology))
+  if args.json:
+    write_json(args.json, plans, topology, config)
+  worst = max(plans, key=lambda p: p.total_bytes)
+  for p in plans:
+    if p.error:
+      print(f"keep {p.ratio:g}: the compiler ran out of memory: {p.error}")
+  verdict = "fits" if fits(worst, topology) else "does NOT fit"
+  print(f"worst rung: keep {worst.ratio:g}, {gib(worst.total_bytes)} GiB of {gib(topology.chip.hbm_bytes)} GiB per "
+        f"chip: {verdict}")
+  return 0 if all(fits(p, topology) for p in plans) else EXIT_DOES_NOT_FIT
