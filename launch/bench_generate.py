@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from jax.sharding import Mesh  # noqa: E402
 
+from sparse_context_jax import compile_cache  # noqa: E402
 from sparse_context_jax.encoders.vae import VAEImageEncoder  # noqa: E402
 from sparse_context_jax.generate import Generator, Pipeline, make_job  # noqa: E402
 from sparse_context_jax.model import MMDiT, preset  # noqa: E402
@@ -34,6 +35,7 @@ from sparse_context_jax.sparse import SparseRequest  # noqa: E402
 
 
 def main(argv=None) -> int:
+  compile_cache.enable()   # a rerun reads its programs back ($SCJ_COMPILE_CACHE=off: compile again)
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--preset", default="medium", help="'medium' (klein-9B-like, --hidden wide) or a FLUX.2 preset")
   p.add_argument("--vae", default="small", choices=("small", "flux2"), help="a small random VAE or the real one")

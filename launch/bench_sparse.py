@@ -27,6 +27,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from sparse_context_jax import compile_cache  # noqa: E402
 from sparse_context_jax.model import MMDiT, preset  # noqa: E402
 from sparse_context_jax.model.jitted import JittedMMDiT  # noqa: E402
 from sparse_context_jax.model.positions import TOKEN_PIXELS, text_ids  # noqa: E402
@@ -138,6 +139,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 
 
 def main(argv=None) -> int:
+  compile_cache.enable()   # a rerun reads its programs back ($SCJ_COMPILE_CACHE=off: compile again)
   args = parse_args(argv)
   rows = run(args)
   if args.flops_only:
