@@ -40,7 +40,7 @@ def main(argv=None) -> int:
   p.add_argument("--preset", default="medium", help="'medium' (klein-9B-like, --hidden wide) or a FLUX.2 preset")
   p.add_argument("--vae", default="small", choices=("small", "flux2"), help="a small random VAE or the real one")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute and weights")
-  p.add_argument("--attention", default=None, choices=(None, "xla", "cudnn"))
+  p.add_argument("--attention", default=None, choices=(None, "xla", "cudnn", "splash", "auto"))
   p.add_argument("--txt", type=int, default=32, help="text tokens")
   p.add_argument("--hidden", type=int, default=256)
   p.add_argument("--depth", type=int, nargs=2, default=(2, 6))

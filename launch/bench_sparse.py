@@ -50,7 +50,8 @@ def parse_args(argv=None):
   p.add_argument("--strategy", default="random")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"))
-  p.add_argument("--attention", default=None, choices=(None, "xla", "cudnn"), help="dot_product_attention impl")
+  p.add_argument("--attention", default=None, choices=(None, "xla", "cudnn", "splash", "auto"),
+                 help="attention implementation (model.blocks.attention)")
   p.add_argument("--repeats", type=int, default=10)
   p.add_argument("--flops-only", action="store_true", help="abstract weights, no timing: XLA's FLOP counts (the "
                  "ideal speedups) of any shape on any machine, e.g. the real klein 9B at 1024x1024 on a CPU")

@@ -2,7 +2,11 @@
 a roofline step time and MFU, for every rung of its bucket ladder: `plan --config configs/FILE.py[:ARG]
 --topology v5p-128 [--config.KEY=VALUE ...]`. Needs the TPU runtime (libtpu), not a TPU.
 
-Exit status: 0 when every rung fits in the chip's HBM, 3 when one does not, 2 on a user error.
+`plan --generate --preset flux2-klein-9b --topology v5e-16 --resolution 1024 --refs 4`: the generator's sampler
+instead, batch per chip doubled from 1 to the largest that fits.
+
+Exit status: 0 when every rung (the batch of --batch, or one example per chip) fits in the chip's HBM, 3 when one
+does not, 2 on a user error.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ EXIT_DOES_NOT_FIT = 3
 
 
 def add_arguments(parser) -> None:
-  parser.add_argument("--config", required=True, metavar="FILE.py[:ARG]", help="a get_config(arg) file")
+  parser.add_argument("--config", metavar="FILE.py[:ARG]", help="a get_config(arg) file (train plans)")
   parser.add_argument("--topology", required=True, metavar="NAME",
                       help="a TPU slice: CHIP:AxB[xC] (v5e:2x2, v5p:2x2x2) or CHIP-N (v5e-16, v5p-128); "
                            "chips v4, v5e, v5p, v6e")
@@ -24,6 +28,16 @@ def add_arguments(parser) -> None:
                       help="plan only this keep ratio of the ladder (repeatable; default every rung the config "
                            "can draw)")
   parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+  gen = parser.add_argument_group("generation plans (--generate)")
+  gen.add_argument("--generate", action="store_true", help="plan the generator's sampler, not the train step")
+  gen.add_argument("--preset", default="flux2-klein-9b", help="model preset (sparse_context_jax presets)")
+  gen.add_argument("--resolution", type=int, default=1024, help="square target and reference side, pixels")
+  gen.add_argument("--refs", type=int, default=1, help="reference images per example")
+  gen.add_argument("--keep", type=float, default=1.0, help="keep ratio of the reference tokens (a ladder rung)")
+  gen.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="weights and compute")
+  gen.add_argument("--txt-len", type=int, default=512, help="prompt tokens")
+  gen.add_argument("--batch", type=int, default=None, help="only this batch per chip (default: the largest)")
+  gen.add_argument("--attention", default="auto", choices=("auto", "xla", "splash"))
   parser.epilog = "Override any config key with --config.KEY=VALUE (e.g. --config.mesh='(1, -1, 4)')."
 
 
@@ -70,6 +84,10 @@ def run(args) -> int:
     topology = parse_topology(args.topology)
   except ValueError as e:
     raise UserError(str(e)) from None
+  if args.generate:
+    return run_generate(args, topology)
+  if not args.config:
+    raise UserError("plan: --config FILE.py is required (or --generate for a generation plan)")
   try:
     config = apply_overrides(load(args.config), args.extra)
     validate(config, topology.chips)
@@ -104,3 +122,41 @@ def run(args) -> int:
   print(f"worst rung: keep {worst.ratio:g}, {gib(worst.total_bytes)} GiB of {gib(topology.chip.hbm_bytes)} GiB per "
         f"chip: {verdict}")
   return 0 if all(fits(p, topology) for p in plans) else EXIT_DOES_NOT_FIT
+
+
+def run_generate(args, topology) -> int:
+  from sparse_context_jax.model import preset
+  from sparse_context_jax.plan.generate import largest_batch
+  from sparse_context_jax.sparse import BucketLadder
+  from sparse_context_jax.train.state import DTYPES
+  try:
+    cfg = preset(args.preset)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  if args.resolution <= 0 or args.resolution % 16:
+    raise UserError(f"--resolution {args.resolution} (expected a positive multiple of 16)")
+  if args.refs < 0 or args.txt_len <= 0 or (args.batch is not None and args.batch <= 0):
+    raise UserError("--refs must be >= 0, --txt-len and --batch > 0")
+  if args.keep not in BucketLadder().ratios:
+    raise UserError(f"--keep {args.keep:g}: expected a ladder rung ({', '.join(f'{r:g}' for r in BucketLadder().ratios)})")
+  print(f"generate {args.preset} on {topology.name} ({topology.accelerator_type}, {topology.chips} chips): "
+        f"{args.resolution}^2, {args.refs} references at keep {args.keep:g}, {args.txt_len} text tokens, {args.dtype}, "
+        "weights replicated, batch over the chips", flush=True)
+  kw = dict(resolution=args.resolution, refs=args.refs, keep=args.keep, dtype=DTYPES[args.dtype],
+            txt_len=args.txt_len, attention=args.attention)
+  limit = args.batch or 256
+  show = lambda p: print(f"  batch {p.batch_per_chip:>4}/chip: args {gib(p.argument_bytes)} GiB, temp "
+                         f"{gib(p.temp_bytes)} GiB, total {gib(p.total_bytes)} GiB of {gib(topology.chip.hbm_bytes)}"
+                         f"{' (compiler: out of memory)' if p.error else ''}, compiled in {p.compile_seconds:.0f} s",
+                         flush=True)
+  if args.batch:
+    from sparse_context_jax.plan.generate import plan_sampler
+    plan = plan_sampler(cfg, topology, topology.devices(), batch_per_chip=args.batch, **kw)
+    show(plan)
+    ok = not plan.error and plan.total_bytes <= topology.chip.hbm_bytes
+    print(f"batch {args.batch} per chip: {'fits' if ok else 'does NOT fit'}")
+    return 0 if ok else EXIT_DOES_NOT_FIT
+  best, _ = largest_batch(cfg, topology, limit=limit, on_plan=show, **kw)
+  print(f"largest batch per chip: {best}" + (f" ({best * topology.chips} per step on the slice)" if best else
+                                             ": not even one example fits"))
+  return 0 if best else EXIT_DOES_NOT_FIT
