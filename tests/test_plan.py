@@ -127,3 +127,17 @@ def test_cli_user_errors_are_one_line(args, message):
   r = _plan("--config", TINY, *args, timeout=120)
   assert r.returncode == 2, r.stderr
   assert r.stderr.startswith(f"error: {message}") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_search_ranks_compiles_and_prints_the_chosen_overrides(tmp_path):
+  r = _plan("--config", TINY, "--topology", "v5e:2x2", "--search", "--max-compiles", "1", "--plot",
+            str(tmp_path / "search.png"))
+  assert r.returncode == 0, r.stderr[-2000:]
+  rows = [line.split() for line in r.stdout.splitlines() if line.strip()[:1].isdigit() and " x " in line]
+  times = [float(row[-4]) for row in rows]                  # the step s column
+  assert len(rows) >= 8 and times == sorted(times)
+  assert rows[0][-1] == "yes" and all(row[-1] == "?" for row in rows[1:])
+  chosen = r.stdout.strip().splitlines()[-1]
+  assert chosen.startswith("chosen (fastest that fits") and "--config.mesh='(" in chosen
+  assert "--config.model.remat=" in chosen and "--config.model.scan_layers=" in chosen
+  assert (tmp_path / "search.png").stat().st_size > 0

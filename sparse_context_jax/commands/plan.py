@@ -2,6 +2,9 @@
 a roofline step time and MFU, for every rung of its bucket ladder: `plan --config configs/FILE.py[:ARG]
 --topology v5p-128 [--config.KEY=VALUE ...]`. Needs the TPU runtime (libtpu), not a TPU.
 
+`plan --search ...`: mesh shapes, remat policies and scan / unrolled layers ranked by estimated step time, the
+fastest compiled until one fits; a table, a plot (--plot) and the chosen line as `--config.` overrides.
+
 `plan --generate --preset flux2-klein-9b --topology v5e-16 --resolution 1024 --refs 4`: the generator's sampler
 instead, batch per chip doubled from 1 to the largest that fits.
 
@@ -28,6 +31,12 @@ def add_arguments(parser) -> None:
                       help="plan only this keep ratio of the ladder (repeatable; default every rung the config "
                            "can draw)")
   parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+  search = parser.add_argument_group("search (--search)")
+  search.add_argument("--search", action="store_true",
+                      help="rank meshes x remat policies x scan/unrolled by estimated step time")
+  search.add_argument("--plot", metavar="PNG", default="plan_search.png", help="the search's plot")
+  search.add_argument("--fits", type=int, default=1, help="compile candidates until this many fit")
+  search.add_argument("--max-compiles", type=int, default=6, help="compile at most this many candidates")
   gen = parser.add_argument_group("generation plans (--generate)")
   gen.add_argument("--generate", action="store_true", help="plan the generator's sampler, not the train step")
   gen.add_argument("--preset", default="flux2-klein-9b", help="model preset (sparse_context_jax presets)")
@@ -59,7 +68,7 @@ def table(plans, topology) -> str:
     rows.append(f"{p.ratio:>6.4g} {p.seq:>6} {b(p.params_bytes):>7} {b(p.opt_bytes):>7} {b(p.batch_bytes):>6} "
                 f"{b(p.argument_bytes):>7} {b(p.output_bytes):>7} {b(p.temp_bytes):>7} {b(p.total_bytes):>7} "
                 f"{p.total_bytes / hbm:>6.0%} {p.flops / 1e12:>10.1f} "
-                f"{(f'{e.step_seconds:.3f}' if e else '-'):>8} {(f'{e.mfu:.0%}' if e else '-'):>5} "
+                f"{(f'{e.step_seconds:.4g}' if e else '-'):>8} {(f'{e.mfu:.0%}' if e else '-'):>5} "
                 f"{p.compile_seconds:>9.1f}  {'yes' if fits(p, topology) else 'NO'}")
   return "\n".join(rows)
 
@@ -94,6 +103,8 @@ def run(args) -> int:
     model_config(config)
   except ConfigError as e:
     raise UserError(str(e)) from None
+  if args.search:
+    return run_search(args, config, topology)
   from sparse_context_jax.plan.train import drawable_rungs, plan_train
   ratios = drawable_rungs(config.objective)
   if args.rung:
@@ -160,3 +171,31 @@ def run_generate(args, topology) -> int:
   print(f"largest batch per chip: {best}" + (f" ({best * topology.chips} per step on the slice)" if best else
                                              ": not even one example fits"))
   return 0 if best else EXIT_DOES_NOT_FIT
+
+
+def run_search(args, config, topology) -> int:
+  from sparse_context_jax.plan.search import plot, search
+  print(f"search {args.config} on {topology.name} ({topology.accelerator_type}): batch {config.train.batch_size}, "
+        f"the rung with the most tokens; compiling the fastest until {args.fits} fit(s)", flush=True)
+  hbm = topology.chip.hbm_bytes
+  rows = search(config, topology, fits_wanted=args.fits, max_compiles=args.max_compiles, on_candidate=lambda c: print(
+      f"  compiled {c.mesh} {c.remat} {'scan' if c.scan else 'unrolled'}: {gib(c.plan.total_bytes)} GiB"
+      f"{' (out of memory)' if c.plan.error else ''}", file=sys.stderr, flush=True))
+  head = (f"{'rank':>4} {'data x fsdp x tensor':>20} {'remat':>13} {'layers':>8} {'compute s':>9} {'comm s':>8} "
+          f"{'step s':>8} {'MFU':>5} {'GiB/chip':>8}  fits")
+  print(head + "\n" + "-" * len(head))
+  for i, c in enumerate(rows, 1):
+    e, p = c.estimate, c.plan
+    mem = "-" if p is None else gib(p.total_bytes)
+    ok = "?" if p is None else ("yes" if not p.error and p.total_bytes <= hbm else "NO")
+    print(f"{i:>4} {' x '.join(map(str, c.mesh)):>20} {c.remat:>13} {'scan' if c.scan else 'unrolled':>8} "
+          f"{e.compute_seconds:>9.4g} {e.comm_seconds:>8.4g} {e.step_seconds:>8.4g} {e.mfu:>5.0%} {mem:>8}  {ok}")
+  plot(rows, args.plot, f"{args.config} on {topology.name}", hbm)
+  chosen = next((c for c in rows if c.plan is not None and not c.plan.error and c.plan.total_bytes <= hbm), None)
+  print(f"plot: {args.plot}")
+  if chosen is None:
+    print("no compiled candidate fits")
+    return EXIT_DOES_NOT_FIT
+  print(f"chosen (fastest that fits, {chosen.estimate.step_seconds:.4g} s est., MFU {chosen.estimate.mfu:.0%}): "
+        + " ".join(chosen.overrides()))
+  return 0
