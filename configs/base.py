@@ -24,7 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"             # master weights and optimizer state
   c.model.scan_layers = True
   c.model.remat = "dots_no_batch"             # none | full | dots | dots_no_batch
-  c.model.attention_impl = ""                 # "" (jax default) | xla | cudnn
+  c.model.attention_impl = ""                 # "" (jax default) | xla | cudnn | splash (TPU) | auto
 
   c.mesh = (-1, 1, 1)                         # (data, fsdp, tensor); -1 fills with the remaining devices
   c.sharding_rules = dict(DEFAULT_RULES)      # logical axis -> mesh axis (None = replicated)

@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from jax.sharding import Mesh  # noqa: E402
 
+from sparse_context_jax import compile_cache  # noqa: E402
 from sparse_context_jax.encoders.vae import VAEImageEncoder  # noqa: E402
 from sparse_context_jax.generate import Generator, Pipeline, make_job  # noqa: E402
 from sparse_context_jax.model import MMDiT, preset  # noqa: E402
@@ -34,11 +35,12 @@ from sparse_context_jax.sparse import SparseRequest  # noqa: E402
 
 
 def main(argv=None) -> int:
+  compile_cache.enable()   # a rerun reads its programs back ($SCJ_COMPILE_CACHE=off: compile again)
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--preset", default="medium", help="'medium' (klein-9B-like, --hidden wide) or a FLUX.2 preset")
   p.add_argument("--vae", default="small", choices=("small", "flux2"), help="a small random VAE or the real one")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute and weights")
-  p.add_argument("--attention", default=None, choices=(None, "xla", "cudnn"))
+  p.add_argument("--attention", default=None, choices=(None, "xla", "cudnn", "splash", "auto"))
   p.add_argument("--txt", type=int, default=32, help="text tokens")
   p.add_argument("--hidden", type=int, default=256)
   p.add_argument("--depth", type=int, nargs=2, default=(2, 6))

@@ -27,6 +27,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from sparse_context_jax import compile_cache  # noqa: E402
 from sparse_context_jax.model import MMDiT, preset  # noqa: E402
 from sparse_context_jax.model.jitted import JittedMMDiT  # noqa: E402
 from sparse_context_jax.model.positions import TOKEN_PIXELS, text_ids  # noqa: E402
@@ -49,7 +50,8 @@ def parse_args(argv=None):
   p.add_argument("--strategy", default="random")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"))
-  p.add_argument("--attention", default=None, choices=(None, "xla", "cudnn"), help="dot_product_attention impl")
+  p.add_argument("--attention", default=None, choices=(None, "xla", "cudnn", "splash", "auto"),
+                 help="attention implementation (model.blocks.attention)")
   p.add_argument("--repeats", type=int, default=10)
   p.add_argument("--flops-only", action="store_true", help="abstract weights, no timing: XLA's FLOP counts (the "
                  "ideal speedups) of any shape on any machine, e.g. the real klein 9B at 1024x1024 on a CPU")
@@ -138,6 +140,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 
 
 def main(argv=None) -> int:
+  compile_cache.enable()   # a rerun reads its programs back ($SCJ_COMPILE_CACHE=off: compile again)
   args = parse_args(argv)
   rows = run(args)
   if args.flops_only:

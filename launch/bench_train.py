@@ -33,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from sparse_context_jax import compile_cache  # noqa: E402
 from sparse_context_jax.model.jitted import flops  # noqa: E402
 from sparse_context_jax.parallel import batch_sharding, make_mesh  # noqa: E402
 from sparse_context_jax.train import config as run_config  # noqa: E402
@@ -171,6 +172,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 
 
 def main(argv=None) -> int:
+  compile_cache.enable()   # a rerun reads its programs back ($SCJ_COMPILE_CACHE=off: compile again)
   args = parse_args(argv)
   rows = []
   for name in args.configs:

@@ -5,7 +5,7 @@ ends the command with one line on stderr and exit status 2; anything else is a b
 
 Exit statuses, every command: 0 success; 1 some work items failed and were reported (generate's bad jobs); 2 a user
 error (one line on stderr, nothing half-written); 75 (sysexits' EX_TEMPFAIL) a run stopped by a signal after saving
-(train: rerun the same command to resume); 130 interrupted by Ctrl-C.
+(train: rerun the same command to resume); 3 a plan that does not fit (plan); 130 interrupted by Ctrl-C.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ COMMANDS = {
     "export": ("sparse_context_jax.commands.export", "a converted checkpoint back to one .safetensors file"),
     "generate": ("sparse_context_jax.commands.generate",
                  "batch generation with sparse references: JSONL jobs -> PNGs and a JSON report"),
+    "plan": ("sparse_context_jax.commands.plan",
+             "compile the train step for a TPU topology ahead of time: memory per chip, FLOPs, step time, fits?"),
     "precompute": ("sparse_context_jax.commands.precompute",
                    "a dataset to VAE latents and text embeddings (ArrayRecord), through pluggable encoders"),
     "presets": ("sparse_context_jax.commands.presets", "the released FLUX architectures: sizes and parameter counts"),

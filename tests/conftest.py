@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import functools
+import os
 
-import jax
+# The test environment has the TPU runtime (for `plan`): without this jax would probe for a TPU in every process
+# and print libtpu's warnings on stderr, which the one-line error checks read. Subprocesses inherit it.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Commands keep compiled programs in a persistent cache (compile_cache.py); tests stay hermetic without it, and
+# tests/test_compile_cache.py turns it on in a folder of its own.
+os.environ.setdefault("SCJ_COMPILE_CACHE", "off")
+
+import jax  # noqa: E402
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -129,6 +129,8 @@ def _prompt_encoder(args, cfg: MMDiTConfig):
 
 
 def run(args) -> int:
+  from sparse_context_jax import compile_cache
+  compile_cache.enable()
   for name in ("batch_size", "text_batch_size", "max_sequence_length"):
     if getattr(args, name) <= 0:
       raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} (expected > 0)")

@@ -51,6 +51,9 @@ def initialize_distributed(args) -> None:
 def run(args) -> int:
   import jax
 
+  from sparse_context_jax import compile_cache
+  compile_cache.enable()
+
   from sparse_context_jax.errors import CheckpointError
   from sparse_context_jax.train.config import ConfigError, apply_overrides, load, validate
   try:

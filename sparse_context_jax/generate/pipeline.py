@@ -44,6 +44,18 @@ def conditioning(cfg: MMDiTConfig, tokens, ids, lengths, target_grid: tuple[int,
                       neg_y=None if negative is None else negative.y)
 
 
+def in_mesh(mesh: Mesh | None, fn):
+  """`fn` traced under `mesh` (as an abstract mesh): kernels that shard themselves (model/splash.py) read it."""
+  if mesh is None:
+    return fn
+
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+
+  return traced
+
+
 def _generate(model: MMDiT, noise, sigmas, latents, scores, budgets, prompt, negative, guidance, cfg_scale, *,
               rung: Rung, target_grid: tuple[int, int]):
   tokens, ids, lengths = pack_references(model.config, latents, scores, budgets, rung)
@@ -64,7 +76,7 @@ class Pipeline:
       raise ValueError(f"the image encoder {image.name} gives {image.token_channels}-channel tokens; the "
                        f"{cfg.family} transformer reads {cfg.in_channels}-channel tokens")
     self.cfg, self.image, self.text, self.mesh = cfg, image, text, mesh
-    self.sampler = ModuleProgram(model, _generate, "sample")
+    self.sampler = ModuleProgram(model, in_mesh(mesh, _generate), "sample")
     if mesh is not None:
       replicated = NamedSharding(mesh, PartitionSpec())
       self.sampler.state = jax.device_put(self.sampler.state, replicated)

@@ -12,13 +12,35 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sparse_context_jax.model import splash
 from sparse_context_jax.model.config import MMDiTConfig
 from sparse_context_jax.model.layers import Linear, Modulation, RMSNorm, modulate
 from sparse_context_jax.model.rope import apply_rope
 
 
+ATTENTION_IMPLS = (None, "xla", "cudnn", "splash", "auto")
+
+
+def resolve_attention(impl: str | None, dtype, platform: str | None = None) -> str | None:
+  """`impl`, with "auto" made concrete for `platform` (default: jax's default backend): splash on TPU, cuDNN on
+  GPU for 16-bit compute (cuDNN's fused kernel takes no float32), XLA otherwise."""
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl={impl!r}; expected one of {ATTENTION_IMPLS}")
+  if impl != "auto":
+    return impl
+  platform = platform or jax.default_backend()
+  if platform == "tpu":
+    return "splash"
+  if platform == "gpu" and jnp.dtype(dtype).itemsize == 2:
+    return "cudnn"
+  return "xla"
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_len: jax.Array | None, impl: str | None) -> jax.Array:
   """Softmax attention, (B, S, H, Dh) each -> (B, S, H, Dh); logits and softmax in (at least) float32.
+
+  impl: None (jax's choice), "xla", "cudnn" (`jax.nn.dot_product_attention`) or "splash" (the Pallas TPU kernel,
+  `model/splash.py`); "auto" is resolved by the model (`resolve_attention`) before it gets here.
 
   q and k arrive in float32 (after their RMSNorm). cuDNN's fused kernel takes one 16-bit dtype for q, k and v (it
   still accumulates logits and softmax in float32), so with impl "cudnn" q and k are cast to v's dtype.
@@ -30,6 +52,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_len: jax.Array | None
     if kv_len is not None:
       logits = jnp.where(jnp.arange(k.shape[1]) < kv_len[:, None, None, None], logits, -jnp.inf)
     return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
+  if impl == "splash":
+    return splash.attention(q, k, v, kv_len)
   if impl == "cudnn":
     q, k = q.astype(v.dtype), k.astype(v.dtype)
   return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_len, implementation=impl)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparse_context_jax.model.blocks import DoubleBlock, SingleBlock
+from sparse_context_jax.model.blocks import DoubleBlock, SingleBlock, resolve_attention
 from sparse_context_jax.model.config import MMDiTConfig
 from sparse_context_jax.model.layers import Linear, MLPEmbedder, Modulation, modulate, timestep_embedding
 from sparse_context_jax.model.numerics import at_least_float32
@@ -64,7 +64,9 @@ class MMDiT(nnx.Module):
     param_dtype: storage dtype of the parameters.
     scan_layers: run each block stack with `jax.lax.scan` (one compiled block) or unrolled.
     remat: "none", "full", "dots" or "dots_no_batch": `jax.checkpoint` policy around each block.
-    attention_impl: `implementation` of `jax.nn.dot_product_attention` (None, "xla" or "cudnn").
+    attention_impl: None, "xla" or "cudnn" (`jax.nn.dot_product_attention`'s `implementation`), "splash" (the
+      Pallas TPU kernel; interpreted off TPU) or "auto" (splash on TPU, cuDNN on GPU for 16-bit compute, else XLA;
+      for the default backend: pass a concrete one to build for another, `blocks.resolve_attention`).
   """
 
   def __init__(self, config: MMDiTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
@@ -73,6 +75,7 @@ class MMDiT(nnx.Module):
       raise ValueError(f"remat={remat!r}; expected 'none' or one of {sorted(REMAT_POLICIES)}")
     cfg = self.config = config
     self.dtype, self.scan_layers, self.remat = dtype, scan_layers, remat
+    attention_impl = self.attention_impl = resolve_attention(attention_impl, dtype)
     D = cfg.hidden_size
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     lin = dict(use_bias=cfg.bias, **kw)

@@ -151,6 +151,9 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
       raise ConfigError(f"model.{key}={config.model[key]!r} (expected 'float32' or 'bfloat16')")
   if config.model.remat not in ("none", "full", "dots", "dots_no_batch"):
     raise ConfigError(f"model.remat={config.model.remat!r} (expected none, full, dots or dots_no_batch)")
+  if config.model.attention_impl not in ("", "xla", "cudnn", "splash", "auto"):
+    raise ConfigError(f"model.attention_impl={config.model.attention_impl!r} (expected '', xla, cudnn, splash or "
+                      "auto)")
   if config.model.init and not (Path(config.model.init) / "config.json").is_file():
     raise ConfigError(f"model.init={config.model.init!r}: no converted checkpoint there (expected the output of "
                       "`convert`, a folder with config.json)")

@@ -16,6 +16,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sparse_context_jax.errors import CheckpointError
+from sparse_context_jax.model.blocks import resolve_attention
 from sparse_context_jax.model.config import MMDiTConfig
 from sparse_context_jax.model.mmdit import MMDiT
 from sparse_context_jax.parallel import param_shardings, replicated
@@ -23,10 +24,12 @@ from sparse_context_jax.parallel import param_shardings, replicated
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def model_kwargs(config) -> dict:
+def model_kwargs(config, platform: str | None = None) -> dict:
+  """The MMDiT options of a config; `attention_impl="auto"` made concrete for `platform` (the mesh's devices;
+  default: jax's default backend)."""
   m = config.model
   return dict(dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype], scan_layers=m.scan_layers, remat=m.remat,
-              attention_impl=m.attention_impl or None)
+              attention_impl=resolve_attention(m.attention_impl or None, DTYPES[m.dtype], platform))
 
 
 def schedule(train) -> optax.Schedule:
@@ -64,7 +67,8 @@ class Setup:
 
 def setup(config, cfg: MMDiTConfig, mesh: Mesh) -> Setup:
   """The abstract state and its shardings, computed without allocating a parameter."""
-  abstract_model = nnx.eval_shape(lambda: MMDiT(cfg, rngs=nnx.Rngs(0), **model_kwargs(config)))
+  platform = mesh.devices.flat[0].platform
+  abstract_model = nnx.eval_shape(lambda: MMDiT(cfg, rngs=nnx.Rngs(0), **model_kwargs(config, platform)))
   graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
   param_sh = param_shardings(mesh, abstract_params, dict(config.sharding_rules)).to_pure_dict()
   params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), abstract_params.to_pure_dict())

@@ -3,8 +3,6 @@ state donated. One compiled program per keep-ratio rung (the rung fixes the pack
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -65,7 +63,11 @@ def step_programs(static: Setup, config) -> ProgramCache:
     batch_sh = jax.tree.map(lambda x: batch_sharding(static.mesh, x.ndim), batch)
     return (static.shardings, batch_sh), (static.shardings, {k: replicated(static.mesh) for k in METRICS})
 
-  fn = functools.partial(train_step, graphdef=static.graphdef, tx=static.tx, config=config)
+  def fn(state, batch, **static_kw):
+    # Traced under the mesh: kernels that shard themselves (model/splash.py's shard_map) read it from there.
+    with jax.sharding.use_abstract_mesh(static.mesh.abstract_mesh):
+      return train_step(state, batch, graphdef=static.graphdef, tx=static.tx, config=config, **static_kw)
+
   return ProgramCache(fn, "train_step", donate_argnums=(0,), shardings=shardings)
 
 
