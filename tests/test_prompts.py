@@ -213,10 +213,16 @@ def test_tokenizer_of_another_vocabulary(saved_qwen3, tmp_path):
   save_tiny_tokenizer("clip", pipe / "tokenizer", vocab_size=700)
   with pytest.raises(ValueError, match=r"tokenizer has \d+ tokens but the text encoder's vocab_size is"):
     load_prompt_encoder(pipe)
-  save_tiny_tokenizer("qwen3", pipe / "tokenizer")
-  enc = load_prompt_encoder(pipe)
-  with pytest.raises(TypeError, match="prompt 0 is a bytes"):
-    enc([b"a cat"])
+
+
+def test_a_prompt_that_is_not_a_string():
+  from sparse_context_jax.encoders.prompts import random_prompt_encoder
+  enc = random_prompt_encoder(_cfg("flux2-klein-4b", 48), seed=0)
+  with pytest.raises(TypeError, match="prompt 1 is a bytes"):
+    enc(["a cat", b"a dog"])
+  with pytest.raises(TypeError, match="list of strings"):
+    enc("a cat")
+  assert enc.programs.count == 0
 
 
 def test_an_encoder_without_the_layers_the_recipe_reads(saved_qwen3, tmp_path):
