@@ -129,6 +129,17 @@ def test_a_new_prompt_never_recompiles(reference, loaded):
   assert loaded.programs.count == before + 2
 
 
+def test_bfloat16_encoders_give_float32_embeddings_close_to_diffusers(tmp_path):
+  import jax.numpy as jnp
+
+  from sparse_context_jax import load_prompt_encoder
+  pipe = pr.reference_pipeline("flux2-klein")
+  enc = load_prompt_encoder(converted(tmp_path, pipe, "text_encoder", "qwen3"), dtype=jnp.bfloat16)
+  want, _ = pr.encode(pipe, PROMPTS[:2], 40)
+  emb = enc(PROMPTS[:2], max_sequence_length=40)
+  assert emb.txt.dtype == np.float32 and 1e-5 < rel_err(emb.txt, want["txt"]) < 0.1
+
+
 def test_a_converted_pipeline_folder(tmp_path):
   """OUT/text_encoder(_2) beside OUT/tokenizer(_2), as `convert` writes a diffusers pipeline."""
   from sparse_context_jax import load_prompt_encoder
