@@ -73,8 +73,8 @@ class PromptEncoder:
   """
 
   def __init__(self, recipe: Recipe, encoders: dict, tokenizers: dict, name: str | None = None):
-    missing = sorted({s.component for s in recipe.streams} - set(encoders) | {s.component for s in recipe.streams}
-                     - set(tokenizers))
+    needed = {s.component for s in recipe.streams}
+    missing = sorted((needed - set(encoders)) | (needed - set(tokenizers)))
     if missing:
       raise ValueError(f"the {recipe.name} recipe needs an encoder and a tokenizer for {missing}")
     for s in recipe.streams:
