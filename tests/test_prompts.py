@@ -76,16 +76,14 @@ def test_prompts_must_be_strings():
 # ---- Encoders: converted from the torch references, equal to diffusers' encode_prompt -------------------------------
 
 def converted(tmp_path, pipe, component: str, kind: str):
-  """The pipeline's torch encoder saved as transformers does and converted; its tokenizer beside it (where
-  `convert` left none)."""
+  """The pipeline's torch encoder and its tokenizer saved as transformers does, then converted (the tokenizer goes
+  to OUT/tokenizer)."""
   from sparse_context_jax.convert import convert_checkpoint
-  from sparse_context_jax.encoders.prompts import is_tokenizer_folder
   src, out = tmp_path / f"src-{component}", tmp_path / f"out-{component}"
   getattr(pipe, component).save_pretrained(src)
   pr.tokenizer(kind).save_pretrained(src)
   convert_checkpoint(src, out, progress=False)
-  if not (is_tokenizer_folder(out) or (out / "tokenizer").is_dir()):
-    pr.tokenizer(kind).save_pretrained(out)
+  assert (out / "tokenizer").is_dir()
   return out
 
 
