@@ -5,6 +5,11 @@ leave nothing behind; unread tensors are skipped with a note."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -148,3 +153,36 @@ def test_text_layers_errors_and_loader_kinds(tmp_path):
   with pytest.raises(CheckpointError, match="is a converted CLIP text encoder, not a transformer.*load_text_encoder"):
     load_model(tmp_path / "out")
   assert load_text_encoder(tmp_path / "out").config.eos_token_id == ref.VOCAB - 3
+
+
+_SHARDED_LOAD = textwrap.dedent("""
+    import json, sys
+    import jax, jax.numpy as jnp, numpy as np
+    from sparse_context_jax import load_text_encoder
+    from sparse_context_jax.parallel import make_mesh
+    assert len(jax.devices()) == 8
+    mesh = make_mesh((2, 2, 2))   # data, fsdp, tensor
+    sharded, single = load_text_encoder(sys.argv[1], mesh=mesh), load_text_encoder(sys.argv[1])
+    spec = lambda a: [None if s is None else str(s) for s in a.sharding.spec] + [None] * (a.ndim - len(a.sharding.spec))
+    ids = jnp.asarray(np.arange(16).reshape(2, 8) % 50 + 3)
+    mask = jnp.asarray(np.arange(8)[None, :] < np.array([[8], [5]]))
+    print(json.dumps(dict(
+        q=spec(sharded.layers.q.kernel[...]), k=spec(sharded.layers.k.kernel[...]),
+        down=spec(sharded.layers.mlp.down.kernel[...]), embed=spec(sharded.embed.embedding[...]),
+        equal=float(jnp.max(jnp.abs(jax.jit(lambda i, m: sharded(i, m))(ids, mask) - single(ids, mask)))))))
+""")
+
+
+def test_load_text_encoder_onto_8_devices_by_the_logical_axes(tmp_path):
+  save_model("qwen3-causal-lm", tmp_path / "src")
+  convert_checkpoint(tmp_path / "src", tmp_path / "ckpt")
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+         "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+  r = subprocess.run([sys.executable, "-c", _SHARDED_LOAD, str(tmp_path / "ckpt")], capture_output=True, text=True,
+                     env=env, timeout=300)
+  assert r.returncode == 0, r.stderr
+  got = json.loads(r.stdout.strip().splitlines()[-1])
+  # layer axis never split; embed -> fsdp, heads / kv_heads / mlp -> tensor, vocab rows whole
+  assert got["q"] == [None, "fsdp", "tensor", None] and got["k"] == [None, "fsdp", "tensor", None]
+  assert got["down"] == [None, "tensor", "fsdp"] and got["embed"] == [None, "fsdp"]
+  assert got["equal"] <= 1e-5
