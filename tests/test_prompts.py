@@ -76,16 +76,14 @@ def test_prompts_must_be_strings():
 # ---- Encoders: converted from the torch references, equal to diffusers' encode_prompt -------------------------------
 
 def converted(tmp_path, pipe, component: str, kind: str):
-  """The pipeline's torch encoder saved as transformers does and converted; its tokenizer beside it (where
-  `convert` left none)."""
+  """The pipeline's torch encoder and its tokenizer saved as transformers does, then converted (the tokenizer goes
+  to OUT/tokenizer)."""
   from sparse_context_jax.convert import convert_checkpoint
-  from sparse_context_jax.encoders.prompts import is_tokenizer_folder
   src, out = tmp_path / f"src-{component}", tmp_path / f"out-{component}"
   getattr(pipe, component).save_pretrained(src)
   pr.tokenizer(kind).save_pretrained(src)
   convert_checkpoint(src, out, progress=False)
-  if not (is_tokenizer_folder(out) or (out / "tokenizer").is_dir()):
-    pr.tokenizer(kind).save_pretrained(out)
+  assert (out / "tokenizer").is_dir()
   return out
 
 
@@ -127,6 +125,17 @@ def test_a_new_prompt_never_recompiles(reference, loaded):
   assert loaded.programs.count == before + 1
   loaded(["a red house"], max_sequence_length=msl)   # another batch size: one more program
   assert loaded.programs.count == before + 2
+
+
+def test_bfloat16_encoders_give_float32_embeddings_close_to_diffusers(tmp_path):
+  import jax.numpy as jnp
+
+  from sparse_context_jax import load_prompt_encoder
+  pipe = pr.reference_pipeline("flux2-klein")
+  enc = load_prompt_encoder(converted(tmp_path, pipe, "text_encoder", "qwen3"), dtype=jnp.bfloat16)
+  want, _ = pr.encode(pipe, PROMPTS[:2], 40)
+  emb = enc(PROMPTS[:2], max_sequence_length=40)
+  assert emb.txt.dtype == np.float32 and 1e-5 < rel_err(emb.txt, want["txt"]) < 0.1
 
 
 def test_a_converted_pipeline_folder(tmp_path):
@@ -213,10 +222,24 @@ def test_tokenizer_of_another_vocabulary(saved_qwen3, tmp_path):
   save_tiny_tokenizer("clip", pipe / "tokenizer", vocab_size=700)
   with pytest.raises(ValueError, match=r"tokenizer has \d+ tokens but the text encoder's vocab_size is"):
     load_prompt_encoder(pipe)
-  save_tiny_tokenizer("qwen3", pipe / "tokenizer")
-  enc = load_prompt_encoder(pipe)
-  with pytest.raises(TypeError, match="prompt 0 is a bytes"):
-    enc([b"a cat"])
+
+
+def test_a_prompt_that_is_not_a_string():
+  from sparse_context_jax.encoders.prompts import random_prompt_encoder
+  enc = random_prompt_encoder(_cfg("flux2-klein-4b", 48), seed=0)
+  with pytest.raises(TypeError, match="prompt 1 is a bytes"):
+    enc(["a cat", b"a dog"])
+  with pytest.raises(TypeError, match="list of strings"):
+    enc("a cat")
+  assert enc.programs.count == 0
+
+
+def test_an_encoder_without_the_layers_the_recipe_reads(saved_qwen3, tmp_path):
+  from sparse_context_jax import load_prompt_encoder
+  save_tiny_tokenizer("qwen3", tmp_path / "tokenizer")
+  (tmp_path / "text_encoder").symlink_to(saved_qwen3, target_is_directory=True)
+  with pytest.raises(ValueError, match=r"reads hidden states \(9, 18, 27\) but .* runs 3 layers"):
+    load_prompt_encoder(tmp_path)
 
 
 @pytest.mark.parametrize("case", ["missing", "file", "empty", "transformer", "two-qwen3", "none"])
@@ -246,3 +269,59 @@ def test_unsupported_folders(case, saved_qwen3, tmp_path):
     save_tiny_tokenizer("qwen3", tmp_path / "pipe" / "tokenizer")
   with pytest.raises((ValueError, CheckpointError), match=match):
     load_prompt_encoder(*args)
+
+
+def test_the_dev_system_message_is_diffusers():
+  from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+
+  from sparse_context_jax.encoders.recipes import FLUX2_SYSTEM_MESSAGE
+  assert FLUX2_SYSTEM_MESSAGE == SYSTEM_MESSAGE
+
+
+# ---- On a mesh, and in `generate` --------------------------------------------------------------------------------
+
+MESH_SCRIPT = """
+import sys
+import jax, numpy as np
+from sparse_context_jax import load_prompt_encoder
+prompts = ["a cat", "", "a red house by the river"]
+one = load_prompt_encoder(sys.argv[1])(prompts, max_sequence_length=40)
+mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 2), ("fsdp", "tensor"))
+enc = load_prompt_encoder(sys.argv[1], mesh=mesh)
+assert len(enc.state["text_encoder"]["embed"]["embedding"][...].sharding.device_set) == 4
+sharded = enc(prompts, max_sequence_length=40)
+print("maxdiff", float(np.max(np.abs(sharded.txt - one.txt))), float(np.max(np.abs(one.txt))))
+"""
+
+
+def test_parameters_sharded_over_a_mesh_give_the_same_embeddings(tmp_path):
+  import os
+  import subprocess
+  import sys
+  from pathlib import Path
+  folder = converted(tmp_path, pr.reference_pipeline("flux2-klein"), "text_encoder", "qwen3")
+  root = Path(__file__).resolve().parents[1]
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": str(root)}
+  r = subprocess.run([sys.executable, "-c", MESH_SCRIPT, str(folder)], capture_output=True, text=True, env=env,
+                     timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  diff, scale = map(float, r.stdout.split("maxdiff")[1].split())
+  assert diff <= 1e-5 * scale
+
+
+def test_generate_with_the_random_text_encoder(tmp_path):
+  import json
+
+  import test_generate as tg
+  jobs = tg._world(tmp_path, 2)
+  lines = [json.loads(line) for line in jobs.read_text().splitlines()]
+  for i, job in enumerate(lines):
+    del job["prompt_embeds"]
+    job.update(prompt="a photo of a cat " * (1 + 20 * i), negative_prompt="")
+  jobs.write_text("\n".join(json.dumps(job) for job in lines) + "\n")
+  r = tg._generate(jobs, "--random-text-encoder", "--max-sequence-length", "48")
+  assert r.returncode == 0, r.stderr
+  assert "jobs.jsonl:2: warning: prompt is longer than --max-sequence-length 48 tokens: truncated" in r.stderr
+  assert "jobs.jsonl:1: warning" not in r.stderr
+  report = json.loads((tmp_path / "jobs.report.json").read_text())
+  assert len(report["jobs"]) == 2

@@ -5,6 +5,9 @@
 - `vae`: the project's Flax VAE: pixels -> normalised latents -> FLUX tokens, and back.
 - `pixels`: the local mode's stand-in image tokens (pooled pixels; invertible, so quality is measured in pixels).
 - `hashed_text`: the local mode's stand-in caption embedding.
+- `prompts`: real text prompts as diffusers' FLUX pipelines encode them (`load_prompt_encoder`,
+  `random_prompt_encoder`); `recipes` holds each pipeline's tokenization and readout as data, `tiny_tokenizers`
+  and `random_text` the offline tokenizers and small random encoders.
 """
 
 from sparse_context_jax.encoders.base import (Encoders, ImageEncoder, PromptEmbeddings, TextEncoder, to_uint8,

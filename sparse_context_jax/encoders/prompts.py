@@ -73,8 +73,8 @@ class PromptEncoder:
   """
 
   def __init__(self, recipe: Recipe, encoders: dict, tokenizers: dict, name: str | None = None):
-    missing = sorted({s.component for s in recipe.streams} - set(encoders) | {s.component for s in recipe.streams}
-                     - set(tokenizers))
+    needed = {s.component for s in recipe.streams}
+    missing = sorted((needed - set(encoders)) | (needed - set(tokenizers)))
     if missing:
       raise ValueError(f"the {recipe.name} recipe needs an encoder and a tokenizer for {missing}")
     for s in recipe.streams:
@@ -82,6 +82,7 @@ class PromptEncoder:
       if kind not in s.kinds:
         raise ValueError(f"{recipe.name}: {s.component} is a {kind} encoder, expected {' or '.join(s.kinds)}")
       check_vocab(tokenizers[s.component], encoders[s.component].config, s.component)
+      check_layers(s, encoders[s.component].config, recipe.name, s.component)
     self.recipe, self.tokenizers = recipe, dict(tokenizers)
     self.name = name or f"{recipe.name}-text"
     self.configs = {c: m.config for c, m in encoders.items()}
@@ -118,6 +119,13 @@ def check_vocab(tokenizer, config, where: str) -> None:
   if len(tokenizer) > config.vocab_size:
     raise ValueError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the text encoder's vocab_size is "
                      f"{config.vocab_size} (a tokenizer of another model?)")
+
+
+def check_layers(stream: Stream, config, recipe: str, where: str) -> None:
+  """ValueError when the encoder lacks a hidden state the recipe stacks (a model cut too short, a tiny one)."""
+  if stream.layers and max(stream.layers) > config.num_layers:
+    raise ValueError(f"{where}: the {recipe} recipe reads hidden states {stream.layers} but this "
+                     f"{config.architecture} runs {config.num_layers} layers")
 
 
 def recipe_for(kinds: Sequence[str]) -> Recipe:
@@ -196,14 +204,16 @@ def load_prompt_encoder(*paths, dtype=jnp.float32, mesh: jax.sharding.Mesh | Non
       raise ValueError(f"{folder} is a converted {kind_of(cfg).noun}, not a text encoder")
     tokenizer = load_tokenizer(folder, sibling)
     check_vocab(tokenizer, cfg, str(folder))
-    parts.append((text_kind(cfg), folder, tokenizer))
-  recipe = recipe_for([kind for kind, _, _ in parts])
-  encoders, tokenizers = {}, {}
-  for kind, folder, tokenizer in parts:
-    stream = next(s for s in recipe.streams if kind in s.kinds)
+    parts.append((text_kind(cfg), cfg, folder, tokenizer))
+  recipe = recipe_for([kind for kind, *_ in parts])
+  streams = [next(s for s in recipe.streams if kind in s.kinds) for kind, *_ in parts]
+  for stream, (_, cfg, folder, tokenizer) in zip(streams, parts):   # every check before any weight is read
+    check_layers(stream, cfg, recipe.name, str(folder))
     if stream.chat is not None and not tokenizer.chat_template:
       raise ValueError(f"the tokenizer of {folder} has no chat template ({recipe.name} formats prompts with it)")
+  encoders, tokenizers = {}, {}
+  for stream, (_, _, folder, tokenizer) in zip(streams, parts):
     encoders[stream.component] = load_text_encoder(folder, dtype=dtype, mesh=mesh)
     tokenizers[stream.component] = tokenizer
   return PromptEncoder(recipe, encoders, tokenizers, name=f"{recipe.name}-text:" + "+".join(
-      str(folder) for _, folder, _ in parts))
+      str(folder) for _, _, folder, _ in parts))
