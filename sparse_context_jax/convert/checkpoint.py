@@ -16,6 +16,7 @@ rules of `parallel/rules.py`, the same rules training uses, so a loaded model is
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import json
 import os
@@ -28,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
+from orbax.checkpoint import v1 as ocp_v1
 from orbax.checkpoint.experimental.v1 import partial as ocp_partial
 
 from sparse_context_jax.convert.kinds import KINDS, kind_named, kind_of
@@ -67,18 +69,66 @@ def _flatten(tree: dict, prefix: TreePath = ()) -> dict[TreePath, object]:
   return out
 
 
-class CheckpointWriter:
-  """Adds groups of host arrays to `directory/params` one orbax partial save at a time; `finish` commits."""
+def _write_context():
+  # Uncompressed: zstd would cost more CPU than the disk time it saves (the writer must keep up with the disk);
+  # no defensive copy of every host array: the writer holds its arrays, unchanged, until their save completes.
+  ctx = ocp_v1.Context()
+  ctx.array.saving.use_compression = False
+  ctx.memory.deepcopy_host_arrays = False
+  return ctx
 
-  def __init__(self, directory: Path, cfg):
+
+class CheckpointWriter:
+  """Adds groups of host arrays to `directory/params`, each an orbax partial save that runs in the background
+  while the caller prepares the next group; `finish` waits for them and commits.
+
+  Args:
+    directory: the converted folder (its `config.json` is written at once).
+    cfg: the model's config.
+    in_flight_bytes: how many bytes of arrays may wait to be written; `room` blocks beyond it.
+  """
+
+  def __init__(self, directory: Path, cfg, *, in_flight_bytes: int = 1 << 30):
     self._params = Path(directory) / PARAMS
+    self._budget, self._pending = in_flight_bytes, []   # pending: (future, bytes), oldest first
+    # One writer thread: orbax partial saves must run one after another (overlapping ones corrupt the database).
+    self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
+    self._context = _write_context()
     (Path(directory) / CONFIG).write_text(json.dumps(kind_of(cfg).to_dict(cfg), indent=2, sort_keys=True))
 
+  def room(self, nbytes: int) -> None:
+    """Waits until `nbytes` more fit in the in-flight budget (at least one group always does)."""
+    while self._pending and sum(n for _, n in self._pending) + nbytes > self._budget:
+      self._pending.pop(0)[0].result()
+
   def add(self, arrays: Mapping[TreePath, np.ndarray]) -> None:
-    ocp_partial.save(self._params, _nest(arrays))
+    """Schedules one group; the arrays must not change until `finish` (they are written as they are)."""
+    nbytes = sum(a.nbytes for a in arrays.values())
+    self.room(nbytes)
+    self._pending.append((self._thread.submit(self._save, _nest(arrays)), nbytes))
+
+  def _save(self, tree: dict) -> None:
+    with self._context:
+      ocp_partial.save(self._params, tree)
 
   def finish(self) -> None:
-    ocp_partial.finalize(self._params)
+    while self._pending:
+      self._pending.pop(0)[0].result()
+    with self._context:
+      ocp_partial.finalize(self._params)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc) -> None:
+    # After an error, let the background saves end before the caller removes their folder.
+    for response, _ in self._pending:
+      try:
+        response.result()
+      except Exception:  # noqa: BLE001 -- the error being raised already tells what went wrong
+        pass
+    self._pending.clear()
+    self._thread.shutdown()
 
 
 def read_config(path: str | os.PathLike):
@@ -226,8 +276,8 @@ def save(module: nnx.Module, out: str | os.PathLike, *, force: bool = False) -> 
   params = model_params(module)
   stacked = {".".join(map(str, p)) for p, v in nnx.to_flat_state(nnx.state(module)) if _stacking_axes(v)}
   with atomic_output(out, force=force, directory=True) as tmp:
-    writer = CheckpointWriter(tmp, module.config)
-    writer.add({stored_path(k, None): v for k, v in params.items() if k not in stacked})
-    for k in stacked:
-      writer.add({stored_path(k, i): layer for i, layer in enumerate(params[k])})
-    writer.finish()
+    with CheckpointWriter(tmp, module.config) as writer:
+      writer.add({stored_path(k, None): v for k, v in params.items() if k not in stacked})
+      for k in stacked:
+        writer.add({stored_path(k, i): layer for i, layer in enumerate(params[k])})
+      writer.finish()
