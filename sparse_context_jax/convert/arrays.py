@@ -42,8 +42,8 @@ def copy_into(dst: np.ndarray, src: np.ndarray) -> None:
     _copy(dst, src)
 
 
-def converted(src: np.ndarray, dtype: np.dtype | None = None) -> np.ndarray:
-  """A new C-contiguous copy of `src` (any view) in `dtype` (default: its own)."""
-  out = np.empty(src.shape, np.dtype(dtype or src.dtype))
+def converted(src: np.ndarray, dtype: np.dtype | None = None, empty=np.empty) -> np.ndarray:
+  """A C-contiguous copy of `src` (any view) in `dtype` (default: its own), in `empty(shape, dtype)`."""
+  out = empty(src.shape, np.dtype(dtype or src.dtype))
   copy_into(out, src)
   return out

@@ -78,9 +78,34 @@ def _write_context():
   return ctx
 
 
+def _drop_cached(folder: Path) -> None:
+  """Asks the kernel to drop the (written back) page cache of every file under `folder`: a conversion then reuses
+  the same memory for each layer instead of growing the page cache by the whole checkpoint (which is slow where
+  new memory is costly, e.g. on VMs that hand freed pages back to their host)."""
+  if not hasattr(os, "posix_fadvise"):
+    return
+  for root, _, files in os.walk(folder):
+    for name in files:
+      try:
+        fd = os.open(os.path.join(root, name), os.O_RDONLY)
+      except OSError:
+        continue
+      try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+      except OSError:
+        pass
+      finally:
+        os.close(fd)
+
+
 class CheckpointWriter:
-  """Adds groups of host arrays to `directory/params`, each an orbax partial save that runs in the background
+  """Adds groups of host arrays to `directory/params`, each an orbax partial save that runs in a background thread
   while the caller prepares the next group; `finish` waits for them and commits.
+
+  `empty(shape, dtype)` hands out arrays for the next group, recycling those of groups already written (layers of a
+  stack have the same shapes): a conversion then works in the same memory layer after layer, instead of the
+  kernel zeroing fresh pages for every one.
 
   Args:
     directory: the converted folder (its `config.json` is written at once).
@@ -90,30 +115,52 @@ class CheckpointWriter:
 
   def __init__(self, directory: Path, cfg, *, in_flight_bytes: int = 1 << 30):
     self._params = Path(directory) / PARAMS
-    self._budget, self._pending = in_flight_bytes, []   # pending: (future, bytes), oldest first
+    self._budget = in_flight_bytes
+    self._pending: list[tuple[concurrent.futures.Future, list[np.ndarray]]] = []   # oldest first
+    self._free: dict[tuple, list[np.ndarray]] = {}   # (shape, dtype) -> arrays already written, for reuse
+    self._asked: set[tuple] = set()                  # the (shape, dtype)s the group being prepared asked for
     # One writer thread: orbax partial saves must run one after another (overlapping ones corrupt the database).
     self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
     self._context = _write_context()
     (Path(directory) / CONFIG).write_text(json.dumps(kind_of(cfg).to_dict(cfg), indent=2, sort_keys=True))
 
+  def _retire(self) -> None:
+    future, arrays = self._pending.pop(0)
+    future.result()   # raises the save's error, if any
+    for a in arrays:
+      if a.base is None:   # owns its memory (not a view of another array)
+        self._free.setdefault((a.shape, a.dtype), []).append(a)
+
   def room(self, nbytes: int) -> None:
     """Waits until `nbytes` more fit in the in-flight budget (at least one group always does)."""
-    while self._pending and sum(n for _, n in self._pending) + nbytes > self._budget:
-      self._pending.pop(0)[0].result()
+    while self._pending and (self._pending[0][0].done() or
+                             sum(a.nbytes for _, arrays in self._pending for a in arrays) + nbytes > self._budget):
+      self._retire()
+
+  def empty(self, shape, dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array for the next group: a recycled one where one fits."""
+    key = (tuple(shape), np.dtype(dtype))
+    self._asked.add(key)
+    free = self._free.get(key)
+    return free.pop() if free else np.empty(*key)
 
   def add(self, arrays: Mapping[TreePath, np.ndarray]) -> None:
     """Schedules one group; the arrays must not change until `finish` (they are written as they are)."""
-    nbytes = sum(a.nbytes for a in arrays.values())
-    self.room(nbytes)
-    self._pending.append((self._thread.submit(self._save, _nest(arrays)), nbytes))
+    self.room(sum(a.nbytes for a in arrays.values()))
+    for key in set(self._free) - self._asked:   # shapes the model has moved past: give their memory back
+      del self._free[key]
+    self._asked = set()
+    self._pending.append((self._thread.submit(self._save, _nest(arrays)), list(arrays.values())))
 
   def _save(self, tree: dict) -> None:
     with self._context:
       ocp_partial.save(self._params, tree)
+    _drop_cached(self._params.parent)
 
   def finish(self) -> None:
     while self._pending:
-      self._pending.pop(0)[0].result()
+      self._retire()
+    self._free.clear()
     with self._context:
       ocp_partial.finalize(self._params)
 
@@ -128,6 +175,7 @@ class CheckpointWriter:
       except Exception:  # noqa: BLE001 -- the error being raised already tells what went wrong
         pass
     self._pending.clear()
+    self._free.clear()
     self._thread.shutdown()
 
 

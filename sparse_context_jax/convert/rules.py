@@ -134,19 +134,18 @@ def _kernel_2d(layouts: Layouts, t: str) -> tuple[int, int]:
 
 
 def to_params(rule: Rule, tensors: Mapping[str, np.ndarray], fmt: dict, layouts: Layouts,
-              has_bias: Mapping[str, bool], dtype=None) -> dict[str, np.ndarray]:
+              has_bias: Mapping[str, bool], dtype=None, empty=np.empty) -> dict[str, np.ndarray]:
   """One layer of a rule: torch tensors (already shape-checked) -> {parameter path: array} (unstacked), new
-  C-contiguous arrays in `dtype` (None: the tensors' own). Each weight is copied once, transposed and cast in the
-  same pass, straight into its parameter: no concatenated or float32 intermediate."""
+  C-contiguous arrays in `dtype` (None: the tensors' own) from `empty(shape, dtype)`. Each weight is copied once,
+  transposed and cast in the same pass, straight into its parameter: no concatenated or float32 intermediate."""
   if isinstance(rule, TensorRule):
     src = np.asarray(tensors[rule.source.format(**fmt)])
-    return {rule.target: converted(TRANSFORMS[rule.transform][0](src), dtype)}
+    return {rule.target: converted(TRANSFORMS[rule.transform][0](src), dtype, empty)}
   weights = [tensors[f"{s}.weight".format(**fmt)] for s in rule.sources]
   dtype = np.dtype(dtype or np.result_type(*weights))
-  kernels = {t: np.empty(_kernel_2d(layouts, t), dtype) for t in rule.targets}
+  out = {f"{t}.kernel": empty(layouts[t][0] + layouts[t][1], dtype) for t in rule.targets}
   for t, cols, i, rows, src_cols in _blocks(rule, layouts):
-    copy_into(kernels[t][:, cols], weights[i][rows, src_cols].T)
-  out = {f"{t}.kernel": k.reshape(layouts[t][0] + layouts[t][1]) for t, k in kernels.items()}
+    copy_into(out[f"{t}.kernel"].reshape(_kernel_2d(layouts, t))[:, cols], weights[i][rows, src_cols].T)
   biased = [t for t in rule.targets if has_bias[t]]
   if biased:
     b = np.concatenate([tensors[f"{s}.bias".format(**fmt)] for s in rule.sources])

@@ -92,10 +92,10 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, dtype:
         # Bounded memory: wait for earlier groups' writes while this one's parameters would overflow the budget;
         # otherwise this group is read and converted while the previous ones are being written.
         writer.room(sum(source.nbytes(k) // source.dtype(k).itemsize for k in g.torch_keys) * out_dtype.itemsize)
-        tensors = {k: source.read(k) for k in g.torch_keys}
+        tensors = source.read_group(g.torch_keys)   # valid until the next group's read
         params = {}
         for rule, fmt in g.rules:
-          params.update(to_params(rule, tensors, fmt, spec.layouts, spec.has_bias, out_dtype))
+          params.update(to_params(rule, tensors, fmt, spec.layouts, spec.has_bias, out_dtype, writer.empty))
         done += len(tensors)
         bar.update(sum(t.nbytes for t in tensors.values()))
         bar.set_postfix(tensors=f"{done}/{len(keys)}")
