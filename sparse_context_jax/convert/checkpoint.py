@@ -79,9 +79,9 @@ def _write_context():
 
 
 def _drop_cached(folder: Path) -> None:
-  """Asks the kernel to drop the (written back) page cache of every file under `folder`: a conversion then reuses
-  the same memory for each layer instead of growing the page cache by the whole checkpoint (which is slow where
-  new memory is costly, e.g. on VMs that hand freed pages back to their host)."""
+  """Asks the kernel to write back and drop the page cache of every file under `folder` (pages not yet written
+  back stay until a later call): a conversion then reuses the same memory for each layer instead of growing the
+  page cache by the whole checkpoint (slow where new memory is costly, e.g. VMs that give freed pages back)."""
   if not hasattr(os, "posix_fadvise"):
     return
   for root, _, files in os.walk(folder):
@@ -91,7 +91,6 @@ def _drop_cached(folder: Path) -> None:
       except OSError:
         continue
       try:
-        os.fdatasync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
       except OSError:
         pass
