@@ -1,10 +1,11 @@
-"""Weight conversion between PyTorch FLUX checkpoints (transformers, VAEs) and this project's modules.
+"""Weight conversion between PyTorch checkpoints (FLUX transformers, VAEs, text encoders) and this project's modules.
 
-One mechanism for every kind of model (`kinds.KINDS`): declarative rules (`rules`, `tables`, `vae_tables`), streamed
-conversion and export (`streaming`), and one loader, `load(path)`, that builds what a converted folder holds.
+One mechanism for every kind of model (`kinds.KINDS`): declarative rules (`rules`, `tables`, `vae_tables`,
+`text_tables`), streamed conversion and export (`streaming`), and one loader, `load(path)`, that builds what a
+converted folder holds.
 """
 
-from sparse_context_jax.convert.checkpoint import load, load_model, load_vae, read_config, save
+from sparse_context_jax.convert.checkpoint import load, load_model, load_text_encoder, load_vae, read_config, save
 from sparse_context_jax.convert.kinds import KINDS, LAYOUTS, rules_for
 from sparse_context_jax.convert.state_dict import (ModelSpec, load_state_dict, model_params, model_variables,
                                                    params_from_state_dict, set_model_params, state_dict_from_params)
@@ -12,5 +13,5 @@ from sparse_context_jax.convert.streaming import convert_checkpoint, export_chec
 from sparse_context_jax.errors import CheckpointError
 
 __all__ = ["CheckpointError", "KINDS", "LAYOUTS", "ModelSpec", "convert_checkpoint", "export_checkpoint", "load",
-           "load_model", "load_state_dict", "load_vae", "model_params", "model_variables", "params_from_state_dict",
-           "read_config", "rules_for", "save", "set_model_params", "state_dict_from_params"]
+           "load_model", "load_state_dict", "load_text_encoder", "load_vae", "model_params", "model_variables",
+           "params_from_state_dict", "read_config", "rules_for", "save", "set_model_params", "state_dict_from_params"]

@@ -1,7 +1,9 @@
 """The converted checkpoint of any kind (transformer, VAE): `config.json` plus an orbax checkpoint of the variables,
 written and read layer by layer.
 
-    OUT/config.json   {"kind": "transformer" | "vae", **config} (a transformer folder without "kind" is one too)
+    OUT/config.json   {"kind": "transformer" | "vae" | "text-decoder" | "t5" | "clip", **config} (a transformer
+                      folder without "kind" is one too)
+    OUT/tokenizer/    a text encoder's tokenizer (transformers' files)
     OUT/params/       orbax checkpoint; its pytree nests the dotted variable paths, with stacked parameters
                       stored unstacked, one subtree per layer:
                       {"img_in": {"kernel": a}, "double_blocks": {"0": {"img_attn": {"qkv": {"kernel": a}}}}, ...}
@@ -39,6 +41,7 @@ from sparse_context_jax.errors import CheckpointError
 from sparse_context_jax.model.mmdit import MMDiT
 from sparse_context_jax.model.vae import AutoencoderKL
 from sparse_context_jax.parallel.rules import DEFAULT_RULES, param_sharding
+from sparse_context_jax.text import CLIPTextEncoder, DecoderEncoder, T5Encoder
 
 CONFIG, PARAMS = "config.json", "params"
 _PYTREE = "state"  # the name orbax's v1 layout gives the pytree inside a checkpoint
@@ -315,6 +318,17 @@ def load_model(path: str | os.PathLike, **kw) -> MMDiT:
 def load_vae(path: str | os.PathLike, *, dtype=jnp.float32) -> AutoencoderKL:
   """`load` for a converted VAE."""
   return _load_kind(path, "vae", dtype=dtype)
+
+
+def load_text_encoder(path: str | os.PathLike, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
+                      **module_kw) -> DecoderEncoder | T5Encoder | CLIPTextEncoder:
+  """`load` for a converted text encoder (Qwen3 / Mistral, T5 or CLIP, as its config.json names it); its
+  tokenizer is in `path/tokenizer`. `module_kw`: `scan_layers`."""
+  cfg = read_config(path)
+  found = kind_of(cfg)
+  if not found.text:
+    raise CheckpointError(f"{path} is a converted {found.noun}, not a text encoder (load it with {found.loader})")
+  return load(path, dtype=dtype, mesh=mesh, **module_kw)
 
 
 def save(module: nnx.Module, out: str | os.PathLike, *, force: bool = False) -> None:

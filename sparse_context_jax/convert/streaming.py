@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -18,11 +20,12 @@ import numpy as np
 from sparse_context_jax.convert.rules import (Rule, layer_formats, source_keys, target_keys, to_params, to_torch,
                                              torch_shapes)
 from sparse_context_jax.convert.checkpoint import CheckpointWriter, read_config, restore, stored_dtype, stored_path
-from sparse_context_jax.convert.kinds import LAYOUTS, detect_kind
+from sparse_context_jax.convert.kinds import KINDS, LAYOUTS, detect_kind, kind_of
 from sparse_context_jax.convert.output import atomic_output, check_destination
 from sparse_context_jax.convert.safetensors_io import DTYPE_NAMES, SafetensorsWriter
 from sparse_context_jax.convert.sources import open_source
 from sparse_context_jax.convert.state_dict import ModelSpec, check_tensors
+from sparse_context_jax.convert.tokenizer import TOKENIZER_DIR, check_tokenizer, copy_tokenizer, find_tokenizer
 from sparse_context_jax.errors import CheckpointError, format_keys
 from sparse_context_jax.progress import progress
 
@@ -58,13 +61,22 @@ def _bar(total_bytes: int, desc: str, enabled: bool | None):
 
 
 def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "float32",
-                       config: str | None = None, force: bool = False, progress: bool | None = None):
-  """Converts a PyTorch FLUX checkpoint (file or diffusers folder, BFL or diffusers layout; a transformer or a VAE)
-  into a directory `out` of `config.json` + an orbax checkpoint, in `dtype` ("float32" or "bfloat16").
+                       config: str | None = None, force: bool = False, progress: bool | None = None,
+                       text_layers: int | None = None, note: Callable[[str], None] | None = None):
+  """Converts a PyTorch checkpoint (a FLUX transformer or VAE: file or diffusers folder, BFL or diffusers layout; a
+  transformers text-encoder folder) into a directory `out` of `config.json` + an orbax checkpoint, in `dtype`
+  ("float32" or "bfloat16"); a text encoder's tokenizer goes to `out/tokenizer`.
 
   Every tensor name, shape and dtype is checked against the rules before any data is read; any mismatch is a
-  `CheckpointError` naming the file and keys. Returns the detected configuration (`MMDiTConfig`, `VAEConfig`).
+  `CheckpointError` naming the file and keys. Tensors the model never reads (an LM head, layers after
+  `text_layers`, a vision tower) are skipped, and `note` (default: stderr) is told which. Returns the detected
+  configuration (`MMDiTConfig`, `VAEConfig`, `DecoderConfig`, ...).
+
+  Args:
+    text_layers: keep only the first N layers of a Qwen3 / Mistral text encoder (a pipeline that reads hidden
+      state N needs no later layer: FLUX.2 klein reads 9, 18, 27; FLUX.2 dev 10, 20, 30). Default: every layer.
   """
+  note = note or (lambda line: print(f"note: {line}", file=sys.stderr))
   if dtype not in OUTPUT_DTYPES:
     raise CheckpointError(f"dtype {dtype!r}; expected one of {sorted(OUTPUT_DTYPES)}")
   out_dtype = OUTPUT_DTYPES[dtype]
@@ -75,18 +87,26 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, dtype:
     keys = [k for k in source.keys() if k not in kind.ignored]
     layout = kind.detect_layout(keys, source.description)
     shapes = {k: source.shape(k) for k in keys}
-    cfg = kind.resolve_config(shapes, layout, source.description, source.config, config)
+    cfg = _cut(kind.resolve_config(shapes, layout, source.description, source.config, config), kind, text_layers,
+               source.description)
+    unread = kind.unread_keys(cfg, layout, keys)
+    keys = [k for k in keys if k not in unread]
     spec = ModelSpec(cfg)
-    check_tensors(spec.expected_torch_shapes(layout), shapes, f"{source.description}: {spec.what(layout)}")
+    check_tensors(spec.expected_torch_shapes(layout), {k: shapes[k] for k in keys},
+                  f"{source.description}: {spec.what(layout)}")
     bad = [f"{k} {DTYPE_NAMES[source.dtype(k)]}" for k in keys if source.dtype(k) not in SOURCE_DTYPES]
     if bad:
       raise CheckpointError(f"{source.description} has tensors of non-float dtype: {format_keys(bad)} (expected "
                             "F32, BF16, F16 or F64)")
+    tokenizer = find_tokenizer(source.description) if kind.text else None
 
     groups = rule_groups(spec, layout)
     total = sum(source.nbytes(k) for k in keys)
     with atomic_output(out, force=force, directory=True) as tmp, CheckpointWriter(tmp, cfg) as writer, \
         _bar(total, f"convert {Path(source.description).name}", progress) as bar:
+      if tokenizer is not None:
+        copy_tokenizer(tokenizer, tmp / TOKENIZER_DIR)
+        check_tokenizer(tmp / TOKENIZER_DIR, cfg.vocab_size, f"{source.description} ({kind.noun})")
       done = 0
       for g in groups:
         # Bounded memory: wait for earlier groups' writes while this one's parameters would overflow the budget;
@@ -105,17 +125,35 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, dtype:
       writer.finish()
   finally:
     source.close()
+  for why in sorted(set(unread.values())):
+    names = [k for k, w in unread.items() if w == why]
+    note(f"skipped {len(names)} tensor(s) never read ({why}): {format_keys(names, limit=3)}")
   return cfg
+
+
+def _cut(cfg, kind, text_layers: int | None, what: str):
+  """`cfg` with only its first `text_layers` layers (a decoder-only text encoder)."""
+  if text_layers is None:
+    return cfg
+  if kind.name != "text-decoder":
+    raise CheckpointError(f"--text-layers applies to Qwen3 / Mistral text encoders; {what} is a {kind.noun}")
+  if not 0 < text_layers <= cfg.num_hidden_layers:
+    raise CheckpointError(f"--text-layers {text_layers}: {what} has {cfg.num_hidden_layers} layers (expected "
+                          f"1..{cfg.num_hidden_layers})")
+  return cfg.replace(num_layers=text_layers)
 
 
 def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, layout: str, force: bool = False,
                       progress: bool | None = None) -> None:
   """Writes a converted checkpoint (any kind) back as one `.safetensors` file in `layout` ("bfl" or "diffusers"),
   in the stored dtype, one layer at a time: the inverse of `convert_checkpoint`, tensor for tensor."""
-  if layout not in LAYOUTS:
+  if layout not in {name for kind in KINDS.values() for name in kind.layouts}:
     raise CheckpointError(f"layout {layout!r}; expected one of {LAYOUTS}")
   check_destination(out, force)
   cfg = read_config(ckpt)
+  kind = kind_of(cfg)
+  if layout not in kind.layouts:
+    raise CheckpointError(f"layout {layout!r}: a converted {kind.noun} exports as one of {kind.layouts}")
   spec = ModelSpec(cfg)
   dtype = stored_dtype(ckpt)
   groups = rule_groups(spec, layout)

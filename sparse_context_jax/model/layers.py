@@ -63,10 +63,11 @@ def layer_norm(x: jax.Array, eps: float) -> jax.Array:
 
 
 class RMSNorm(nnx.Module):
-  """RMSNorm over the last axis with a learned scale (the per-head QK norm of FLUX)."""
+  """RMSNorm over the last axis with a learned scale (the per-head QK norm of FLUX; `axis="embed"` for a norm over
+  the hidden size)."""
 
-  def __init__(self, dim: int, *, eps: float, param_dtype):
-    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=("head_dim",))
+  def __init__(self, dim: int, *, eps: float, param_dtype, axis: str = "head_dim"):
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=(axis,))
     self.eps = eps
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -116,3 +117,28 @@ class Modulation(nnx.Module):
 
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
   return (1 + scale) * layer_norm(x, eps) + shift
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis with a learned scale and bias; statistics in (at least) float32, result in the
+  dtype of the statistics (the caller casts)."""
+
+  def __init__(self, dim: int, *, eps: float, param_dtype, axis: str = "embed"):
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=(axis,))
+    self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), logical_axes=(axis,))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = layer_norm(at_least_float32(x), self.eps)
+    return y * self.scale[...].astype(y.dtype) + self.bias[...].astype(y.dtype)
+
+
+class Embed(nnx.Module):
+  """A lookup table (num, dim): ids (...) -> rows (..., dim) in the compute dtype."""
+
+  def __init__(self, num: int, dim: int, *, axes: Sequence[str], dtype, param_dtype, rngs: nnx.Rngs):
+    self.embedding = nnx.Param(jax.random.normal(rngs.params(), (num, dim), param_dtype), logical_axes=tuple(axes))
+    self.dtype = dtype
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)

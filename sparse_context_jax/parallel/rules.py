@@ -15,10 +15,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 # embed -> fsdp (ZeRO-3 style: weights gathered per layer); heads / mlp -> tensor (Megatron columns and rows).
-# embed_in is the input side of modulation / embedder matrices whose output is already `embed`.
+# embed_in is the input side of modulation / embedder matrices whose output is already `embed`. Text encoders add
+# kv_heads (grouped-query k/v, split like heads where they divide), and lookup tables over vocab, positions and
+# relative-position buckets, whose rows stay whole (their `embed` columns are split).
 DEFAULT_RULES: dict[str, str | None] = {
     "embed": "fsdp", "embed_in": None, "heads": "tensor", "head_dim": None, "qkv": None, "mlp": "tensor",
     "mod": None, "channels": None, "context": None,
+    "kv_heads": "tensor", "vocab": None, "positions": None, "buckets": None,
 }
 
 

@@ -1,0 +1,60 @@
+"""The tokenizer that goes with a converted text encoder: found beside its weights (a transformers repo) or in the
+sibling folder a diffusers pipeline gives it (`text_encoder/` -> `tokenizer/`, `text_encoder_2/` -> `tokenizer_2/`),
+checked against the embedding, copied to `OUT/tokenizer`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from sparse_context_jax.errors import CheckpointError
+
+TOKENIZER_DIR = "tokenizer"
+# Files that make a folder hold a tokenizer (any one of them), and model files that never go with it.
+_MARKERS = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model", "tokenizer.model", "tekken.json")
+_MODEL_FILES = ("config.json", "generation_config.json")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".index.json")
+
+
+def _has_tokenizer(folder: Path) -> bool:
+  return folder.is_dir() and any((folder / name).is_file() for name in _MARKERS)
+
+
+def find_tokenizer(model_folder: str | Path) -> Path:
+  """The folder of the tokenizer of the text encoder in `model_folder`: the folder itself, else the pipeline's
+  sibling `tokenizer[_N]/` for a `text_encoder[_N]/`."""
+  folder = Path(model_folder)
+  looked = [folder]
+  if _has_tokenizer(folder):
+    return folder
+  if folder.name.startswith("text_encoder"):
+    sibling = folder.parent / ("tokenizer" + folder.name[len("text_encoder"):])
+    looked.append(sibling)
+    if _has_tokenizer(sibling):
+      return sibling
+  raise CheckpointError(f"no tokenizer for the text encoder {folder}: none of {', '.join(_MARKERS)} in "
+                        f"{' or '.join(str(p) for p in looked)}")
+
+
+def check_tokenizer(folder: Path, vocab_size: int, what: str) -> int:
+  """Loads the tokenizer (transformers' AutoTokenizer) and checks that every id it produces has an embedding row;
+  returns its size."""
+  from transformers import AutoTokenizer  # tokenizers only; imported on use (slow to import)
+  try:
+    tok = AutoTokenizer.from_pretrained(str(folder))
+  except Exception as e:  # a tokenizer folder can fail in many library-specific ways; each is a bad input here
+    raise CheckpointError(f"cannot load the tokenizer in {folder}: {type(e).__name__}: {e}") from None
+  n = len(tok)
+  if n > vocab_size:
+    raise CheckpointError(f"the tokenizer in {folder} has {n} tokens but {what} embeds only {vocab_size} "
+                          "(vocab_size): it is not this model's tokenizer")
+  return n
+
+
+def copy_tokenizer(folder: Path, dest: Path) -> None:
+  """Copies the tokenizer's files (not the model's config or weights) into `dest`."""
+  dest.mkdir()
+  for p in sorted(folder.iterdir()):
+    if p.is_file() and p.name not in _MODEL_FILES and not p.name.endswith(_WEIGHT_SUFFIXES):
+      shutil.copy2(p, dest / p.name)
