@@ -36,6 +36,7 @@ from orbax.checkpoint.experimental.v1 import partial as ocp_partial
 
 from sparse_context_jax.convert.kinds import KINDS, kind_named, kind_of
 from sparse_context_jax.convert.output import atomic_output
+from sparse_context_jax.convert.pipeline_index import component_of_kind, is_converted_pipeline
 from sparse_context_jax.convert.state_dict import model_params
 from sparse_context_jax.errors import CheckpointError
 from sparse_context_jax.model.mmdit import MMDiT
@@ -301,7 +302,13 @@ def load(path: str | os.PathLike, *, dtype=jnp.float32, mesh: jax.sharding.Mesh 
   return nnx.merge(graphdef, state)
 
 
+def _component(path, kinds: set[str], noun: str) -> Path:
+  """`path`, or the one component of those `kinds` when `path` is a pipeline folder written by `convert`."""
+  return component_of_kind(path, kinds, noun) if is_converted_pipeline(path) else Path(path)
+
+
 def _load_kind(path, kind: str, **kw) -> nnx.Module:
+  path = _component(path, {kind}, KINDS[kind].noun)
   cfg = read_config(path)
   found = kind_of(cfg)
   if found.name != kind:
@@ -311,19 +318,22 @@ def _load_kind(path, kind: str, **kw) -> nnx.Module:
 
 
 def load_model(path: str | os.PathLike, **kw) -> MMDiT:
-  """`load` for a converted transformer (a CheckpointError names what else the folder holds)."""
+  """`load` for a converted transformer (a CheckpointError names what else the folder holds); a converted pipeline
+  folder gives its transformer."""
   return _load_kind(path, "transformer", **kw)
 
 
 def load_vae(path: str | os.PathLike, *, dtype=jnp.float32) -> AutoencoderKL:
-  """`load` for a converted VAE."""
+  """`load` for a converted VAE (a converted pipeline folder: its VAE)."""
   return _load_kind(path, "vae", dtype=dtype)
 
 
 def load_text_encoder(path: str | os.PathLike, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
                       **module_kw) -> DecoderEncoder | T5Encoder | CLIPTextEncoder:
   """`load` for a converted text encoder (Qwen3 / Mistral, T5 or CLIP, as its config.json names it); its
-  tokenizer is in `path/tokenizer`. `module_kw`: `scan_layers`."""
+  tokenizer is in `path/tokenizer`. `module_kw`: `scan_layers`. A converted pipeline folder gives its one text
+  encoder."""
+  path = _component(path, {k.name for k in KINDS.values() if k.text}, "text encoder")
   cfg = read_config(path)
   found = kind_of(cfg)
   if not found.text:

@@ -160,7 +160,8 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, layout
   entries = [(name, dtype, shape) for g in groups for rule, fmt in g.rules
              for name, shape in torch_shapes(rule, fmt, spec.layouts, spec.has_bias, spec.param_shapes).items()]
   total = sum(int(np.prod(s)) * dtype.itemsize for _, _, s in entries)
-  with atomic_output(out, force=force, directory=False) as tmp, _bar(total, f"export {Path(out).name}", progress) as bar:
+  with atomic_output(out, force=force, directory=False) as tmp, \
+      _bar(total, f"export {Path(out).name}", progress) as bar:
     writer, done = SafetensorsWriter(tmp, entries, {"format": "pt"}), 0
     for g in groups:
       got = restore(ckpt, {stored_path(k, g.layer): dtype for k in g.param_keys})
