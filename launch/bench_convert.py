@@ -1,10 +1,14 @@
-"""Memory benchmark of the weight converter (a script, not a test): a full-size random bfloat16 flux2-klein-4b
-checkpoint in BFL layout (~7.8 GB) is generated, converted, and loaded onto 8 fake CPU devices with FSDP sharding.
-Each step runs in its own process, measured with `/usr/bin/time -v` (wall time, peak RSS).
+"""Speed and memory benchmark of the weight converter (a script, not a test): a full-size random bfloat16
+flux2-klein-4b transformer checkpoint (diffusers layout by default, ~7.75 GB) is generated, its disk's own speeds
+measured with `dd` (O_DIRECT, so the page cache neither helps nor hides the disk), then converted by this tree
+and, with --before REF, by an older commit checked out in a temporary git worktree; finally loaded onto 8 fake
+CPU devices with FSDP sharding (--load). Each step runs in its own process under `/usr/bin/time -v`.
 
-    <test venv>/bin/python launch/bench_convert.py [--dir /tmp] [--keep]
+    <test venv>/bin/python launch/bench_convert.py [--dir /tmp] [--before 32856c5] [--load] [--keep]
 
-Needs ~2.2x the checkpoint size free under --dir; everything it writes is deleted at the end unless --keep.
+Before each conversion the checkpoint's pages are dropped from the page cache (posix_fadvise, this file only), so
+every converter reads from the disk. Needs ~2.5x the checkpoint size free under --dir; everything it writes is
+deleted at the end unless --keep.
 """
 
 from __future__ import annotations
@@ -26,16 +30,18 @@ GENERATE = textwrap.dedent("""
     from sparse_context_jax.convert import ModelSpec
     from sparse_context_jax.convert.safetensors_io import SafetensorsWriter
     from sparse_context_jax.convert.sources import BFL_PREFIX
-    shapes = ModelSpec(preset("flux2-klein-4b")).expected_torch_shapes("bfl")
+    layout = sys.argv[2]
+    prefix = BFL_PREFIX if layout == "bfl" else ""
+    shapes = ModelSpec(preset("flux2-klein-4b")).expected_torch_shapes(layout)
     bf16 = np.dtype(ml_dtypes.bfloat16)
-    w = SafetensorsWriter(sys.argv[1], [(BFL_PREFIX + k, bf16, s) for k, s in shapes.items()], {"format": "pt"})
+    w = SafetensorsWriter(sys.argv[1], [(prefix + k, bf16, s) for k, s in shapes.items()], {"format": "pt"})
     # Random normal bfloat16 values: one 32 Mi-value block read at a random offset per tensor (fast, and no two
     # tensors alike), so generation is bound by disk writes.
     rng = np.random.default_rng(0)
     block = (rng.standard_normal(2**25, dtype=np.float32) * 0.02).astype(bf16)
     for k, s in shapes.items():
       n, start = int(np.prod(s)), int(rng.integers(block.size))
-      w.write(BFL_PREFIX + k, np.tile(block, (start + n) // block.size + 1)[start:start + n].reshape(s))
+      w.write(prefix + k, np.tile(block, (start + n) // block.size + 1)[start:start + n].reshape(s))
     w.close()
 """)
 
@@ -61,59 +67,102 @@ LOAD = textwrap.dedent("""
 """)
 
 
-def timed(argv: list[str], env: dict | None = None) -> tuple[float, float, str]:
-  """(wall seconds, peak RSS GiB, stdout) of one command under /usr/bin/time -v."""
-  r = subprocess.run(["/usr/bin/time", "-v", *argv], capture_output=True, text=True, cwd=ROOT,
-                     env={**os.environ, "PYTHONPATH": ROOT, **(env or {})})
+def timed(argv: list[str], env: dict | None = None, root: str = ROOT) -> tuple[float, float, float, str]:
+  """(wall seconds, CPU seconds, peak RSS GiB, stdout) of one command under /usr/bin/time -v."""
+  r = subprocess.run(["/usr/bin/time", "-v", *argv], capture_output=True, text=True, cwd=root,
+                     env={**os.environ, "PYTHONPATH": root, **(env or {})})
   if r.returncode:
     sys.exit(f"command failed ({r.returncode}): {' '.join(argv)}\n{r.stderr[-3000:]}")
-  rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr).group(1))
-  h, m, s = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (?:(\d+):)?(\d+):([\d.]+)",
-                      r.stderr).groups()
-  return int(h or 0) * 3600 + int(m) * 60 + float(s), rss_kb / 2**20, r.stdout
+  field = lambda name: re.search(rf"{re.escape(name)}: ([\d.:]+)", r.stderr).group(1)
+  h, m, s = re.fullmatch(r"(?:(\d+):)?(\d+):([\d.]+)", field("Elapsed (wall clock) time (h:mm:ss or m:ss)")).groups()
+  cpu = float(field("User time (seconds)")) + float(field("System time (seconds)"))
+  return int(h or 0) * 3600 + int(m) * 60 + float(s), cpu, int(field("Maximum resident set size (kbytes)")) / 2**20, \
+      r.stdout
+
+
+def dd_mb_s(args: list[str]) -> float:
+  """The MB/s of one `dd` run (from the bytes and seconds it reports)."""
+  r = subprocess.run(["dd", *args], capture_output=True, text=True, check=True)
+  nbytes, seconds = re.search(r"^(\d+) bytes .* copied, ([\d.]+) s", r.stderr, re.M).groups()
+  return int(nbytes) / 1e6 / float(seconds)
+
+
+def drop_cached(path: str) -> None:
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+  finally:
+    os.close(fd)
 
 
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--dir", default=tempfile.gettempdir(), help="where the checkpoint and its conversion go")
+  parser.add_argument("--dir", default=tempfile.gettempdir(), help="where the checkpoint and its conversions go")
+  parser.add_argument("--layout", choices=("diffusers", "bfl"), default="diffusers", help="of the generated file")
+  parser.add_argument("--before", metavar="REF", help="also convert with this git commit (e.g. 32856c5)")
+  parser.add_argument("--load", action="store_true", help="also load the conversion onto 8 fake CPU devices")
   parser.add_argument("--keep", action="store_true", help="keep the generated files")
   args = parser.parse_args()
   py = sys.executable
   sys.path.insert(0, ROOT)
   from sparse_context_jax import count_params, preset
-  need = 2.2 * 2 * count_params(preset("flux2-klein-4b"))
+  need = 2.5 * 2 * count_params(preset("flux2-klein-4b"))
   free = shutil.disk_usage(args.dir).free
   if free < need:
     sys.exit(f"{args.dir} has {free / 1e9:.1f} GB free; the benchmark needs {need / 1e9:.1f} GB")
 
   work = tempfile.mkdtemp(prefix="scj-bench-convert-", dir=args.dir)
-  src, out = os.path.join(work, "flux-2-klein-4b.safetensors"), os.path.join(work, "converted")
+  src = os.path.join(work, "flux-2-klein-4b.safetensors")
+  rows, notes = [], []
   try:
-    gen_s, gen_rss, _ = timed([py, "-c", GENERATE, src])
+    timed([py, "-c", GENERATE, src, args.layout])
     size = os.path.getsize(src)
-    imp_s, imp_rss, _ = timed([py, "-c", IMPORT_ONLY])
-    conv_s, conv_rss, conv_out = timed([py, "-m", "sparse_context_jax", "convert", src, out, "--dtype", "bfloat16"])
-    load_s, load_rss, load_out = timed([py, "-c", LOAD, out],
-                                       env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
-    out_size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
+    drop_cached(src)
+    disk_read = dd_mb_s([f"if={src}", "of=/dev/null", "bs=64M", "iflag=direct"])
+    copy = os.path.join(work, "dd-copy")
+    disk_copy = dd_mb_s([f"if={src}", f"of={copy}", "bs=64M", "count=32", "iflag=direct", "oflag=direct"])
+    os.remove(copy)
+    imp = timed([py, "-c", IMPORT_ONLY])
+    rows.append(("python + jax + package import only", *imp[:3]))
+    trees = [("this tree", ROOT)]
+    if args.before:
+      old = os.path.join(work, "before")
+      subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", old, args.before], check=True,
+                     capture_output=True)
+      trees.insert(0, (f"commit {args.before}", old))
+    for name, root in trees:
+      out = os.path.join(work, f"converted-{len(rows)}")
+      drop_cached(src)
+      s, cpu, rss, _ = timed([py, "-m", "sparse_context_jax", "convert", src, out, "--dtype", "bfloat16"], root=root)
+      rows.append((f"convert --dtype bfloat16 ({name})", s, cpu, rss))
+      out_size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
+      notes.append(f"{name}: converted folder {out_size / 1e9:.2f} GB")
+      if root == ROOT and args.load:
+        s, cpu, rss, load_out = timed([py, "-c", LOAD, out],
+                                      env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+        rows.append(("load_model, 8 fake CPU devices, FSDP", s, cpu, rss))
+        notes.append(load_out.strip().replace("LOADED", "load_model:"))
+      shutil.rmtree(out)
   finally:
+    if args.before:
+      subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", os.path.join(work, "before")],
+                     capture_output=True)
     if not args.keep:
       shutil.rmtree(work, ignore_errors=True)
 
   gib = size / 2**30
-  print(f"flux2-klein-4b, BFL layout, bfloat16: {size / 1e9:.2f} GB ({gib:.2f} GiB) checkpoint, "
-        f"{out_size / 1e9:.2f} GB converted; {os.cpu_count()} CPUs")
-  print(conv_out.strip())
-  print(load_out.strip().replace("LOADED", "load_model:"))
-  head = f"{'step':<40} {'wall s':>8} {'MB/s':>8} {'peak RSS GiB':>13} {'RSS / ckpt':>10}"
+  print(f"flux2-klein-4b, {args.layout} layout, bfloat16: {size / 1e9:.2f} GB ({gib:.2f} GiB) checkpoint; "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+  print(f"disk (dd, O_DIRECT): read {disk_read:.0f} MB/s; copy (read + write, 2.1 GB) {disk_copy:.0f} MB/s")
+  for n in notes:
+    print(n)
+  head = f"{'step':<48} {'wall s':>7} {'MB/s':>6} {'CPU s':>6} {'peak RSS GiB':>13} {'RSS / ckpt':>10}"
   print(head)
   print("-" * len(head))
-  rows = [("generate checkpoint (not measured)", gen_s, gen_rss),
-          ("python + jax + package import only", imp_s, imp_rss),
-          ("convert --dtype bfloat16", conv_s, conv_rss),
-          ("load_model, 8 fake CPU devices, FSDP", load_s, load_rss)]
-  for name, s, rss in rows:
-    print(f"{name:<40} {s:>8.1f} {size / 1e6 / s:>8.0f} {rss:>13.2f} {rss / gib:>10.2f}")
+  for name, s, cpu, rss in rows:
+    rate = f"{size / 1e6 / s:>6.0f}" if name.startswith(("convert", "load")) else f"{'-':>6}"
+    print(f"{name:<48} {s:>7.1f} {rate} {cpu:>6.1f} {rss:>13.2f} {rss / gib:>10.2f}")
   print("(on fake CPU devices the devices' memory is host memory: load_model's RSS includes the whole model)")
   return 0
 

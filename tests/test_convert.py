@@ -101,5 +101,5 @@ def test_strict_about_keys_and_shapes():
     params_from_state_dict(cfg, bad)
   with pytest.raises(CheckpointError, match="missing"):   # a FLUX.1 checkpoint is not a FLUX.2 one
     params_from_state_dict(cfg, ref.state_dict(torch_model("flux1-kontext")))
-  with pytest.raises(ValueError, match="unknown checkpoint layout 'comfy'"):
+  with pytest.raises(ValueError, match="unknown (transformer )?checkpoint layout 'comfy'"):
     params_from_state_dict(cfg, sd, "comfy")

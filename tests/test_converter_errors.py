@@ -139,11 +139,11 @@ def test_failure_while_writing_leaves_nothing_and_keeps_the_old_output(tmp_path,
   (out / "keep.txt").write_text("mine")
   reads = []
 
-  def failing_read(self, key):
+  def failing_read(self, key, *buffer):
     reads.append(key)
     if len(reads) > 20:  # after the first groups were written
       raise OSError("disk on fire")
-    return original(self, key)
+    return original(self, key, *buffer)
 
   original = SafetensorsFile.read
   monkeypatch.setattr(SafetensorsFile, "read", failing_read)

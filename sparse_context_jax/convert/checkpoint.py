@@ -18,6 +18,7 @@ rules of `parallel/rules.py`, the same rules training uses, so a loaded model is
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import json
 import os
@@ -30,10 +31,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
+from orbax.checkpoint import v1 as ocp_v1
 from orbax.checkpoint.experimental.v1 import partial as ocp_partial
 
 from sparse_context_jax.convert.kinds import KINDS, kind_named, kind_of
 from sparse_context_jax.convert.output import atomic_output
+from sparse_context_jax.convert.pipeline_index import component_of_kind, is_converted_pipeline
 from sparse_context_jax.convert.state_dict import model_params
 from sparse_context_jax.errors import CheckpointError
 from sparse_context_jax.model.mmdit import MMDiT
@@ -70,18 +73,113 @@ def _flatten(tree: dict, prefix: TreePath = ()) -> dict[TreePath, object]:
   return out
 
 
-class CheckpointWriter:
-  """Adds groups of host arrays to `directory/params` one orbax partial save at a time; `finish` commits."""
+def _write_context():
+  # Uncompressed: zstd would cost more CPU than the disk time it saves (the writer must keep up with the disk);
+  # no defensive copy of every host array: the writer holds its arrays, unchanged, until their save completes.
+  ctx = ocp_v1.Context()
+  ctx.array.saving.use_compression = False
+  ctx.memory.deepcopy_host_arrays = False
+  return ctx
 
-  def __init__(self, directory: Path, cfg):
+
+def _drop_cached(folder: Path) -> None:
+  """Asks the kernel to write back and drop the page cache of every file under `folder` (pages not yet written
+  back stay until a later call): a conversion then reuses the same memory for each layer instead of growing the
+  page cache by the whole checkpoint (slow where new memory is costly, e.g. VMs that give freed pages back)."""
+  if not hasattr(os, "posix_fadvise"):
+    return
+  for root, _, files in os.walk(folder):
+    for name in files:
+      try:
+        fd = os.open(os.path.join(root, name), os.O_RDONLY)
+      except OSError:
+        continue
+      try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+      except OSError:
+        pass
+      finally:
+        os.close(fd)
+
+
+class CheckpointWriter:
+  """Adds groups of host arrays to `directory/params`, each an orbax partial save that runs in a background thread
+  while the caller prepares the next group; `finish` waits for them and commits.
+
+  `empty(shape, dtype)` hands out arrays for the next group, recycling those of groups already written (layers of a
+  stack have the same shapes): a conversion then works in the same memory layer after layer, instead of the
+  kernel zeroing fresh pages for every one.
+
+  Args:
+    directory: the converted folder (its `config.json` is written at once).
+    cfg: the model's config.
+    in_flight_bytes: how many bytes of arrays may wait to be written; `room` blocks beyond it.
+  """
+
+  def __init__(self, directory: Path, cfg, *, in_flight_bytes: int = 1 << 30):
     self._params = Path(directory) / PARAMS
+    self._budget = in_flight_bytes
+    self._pending: list[tuple[concurrent.futures.Future, list[np.ndarray]]] = []   # oldest first
+    self._free: dict[tuple, list[np.ndarray]] = {}   # (shape, dtype) -> arrays already written, for reuse
+    self._asked: set[tuple] = set()                  # the (shape, dtype)s the group being prepared asked for
+    # One writer thread: orbax partial saves must run one after another (overlapping ones corrupt the database).
+    self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
+    self._context = _write_context()
     (Path(directory) / CONFIG).write_text(json.dumps(kind_of(cfg).to_dict(cfg), indent=2, sort_keys=True))
 
+  def _retire(self) -> None:
+    future, arrays = self._pending.pop(0)
+    future.result()   # raises the save's error, if any
+    for a in arrays:
+      if a.base is None:   # owns its memory (not a view of another array)
+        self._free.setdefault((a.shape, a.dtype), []).append(a)
+
+  def room(self, nbytes: int) -> None:
+    """Waits until `nbytes` more fit in the in-flight budget (at least one group always does)."""
+    while self._pending and (self._pending[0][0].done() or
+                             sum(a.nbytes for _, arrays in self._pending for a in arrays) + nbytes > self._budget):
+      self._retire()
+
+  def empty(self, shape, dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array for the next group: a recycled one where one fits."""
+    key = (tuple(shape), np.dtype(dtype))
+    self._asked.add(key)
+    free = self._free.get(key)
+    return free.pop() if free else np.empty(*key)
+
   def add(self, arrays: Mapping[TreePath, np.ndarray]) -> None:
-    ocp_partial.save(self._params, _nest(arrays))
+    """Schedules one group; the arrays must not change until `finish` (they are written as they are)."""
+    self.room(sum(a.nbytes for a in arrays.values()))
+    for key in set(self._free) - self._asked:   # shapes the model has moved past: give their memory back
+      del self._free[key]
+    self._asked = set()
+    self._pending.append((self._thread.submit(self._save, _nest(arrays)), list(arrays.values())))
+
+  def _save(self, tree: dict) -> None:
+    with self._context:
+      ocp_partial.save(self._params, tree)
+    _drop_cached(self._params.parent)
 
   def finish(self) -> None:
-    ocp_partial.finalize(self._params)
+    while self._pending:
+      self._retire()
+    self._free.clear()
+    with self._context:
+      ocp_partial.finalize(self._params)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc) -> None:
+    # After an error, let the background saves end before the caller removes their folder.
+    for response, _ in self._pending:
+      try:
+        response.result()
+      except Exception:  # noqa: BLE001 -- the error being raised already tells what went wrong
+        pass
+    self._pending.clear()
+    self._free.clear()
+    self._thread.shutdown()
 
 
 def read_config(path: str | os.PathLike):
@@ -204,7 +302,13 @@ def load(path: str | os.PathLike, *, dtype=jnp.float32, mesh: jax.sharding.Mesh 
   return nnx.merge(graphdef, state)
 
 
+def _component(path, kinds: set[str], noun: str) -> Path:
+  """`path`, or the one component of those `kinds` when `path` is a pipeline folder written by `convert`."""
+  return component_of_kind(path, kinds, noun) if is_converted_pipeline(path) else Path(path)
+
+
 def _load_kind(path, kind: str, **kw) -> nnx.Module:
+  path = _component(path, {kind}, KINDS[kind].noun)
   cfg = read_config(path)
   found = kind_of(cfg)
   if found.name != kind:
@@ -214,19 +318,22 @@ def _load_kind(path, kind: str, **kw) -> nnx.Module:
 
 
 def load_model(path: str | os.PathLike, **kw) -> MMDiT:
-  """`load` for a converted transformer (a CheckpointError names what else the folder holds)."""
+  """`load` for a converted transformer (a CheckpointError names what else the folder holds); a converted pipeline
+  folder gives its transformer."""
   return _load_kind(path, "transformer", **kw)
 
 
 def load_vae(path: str | os.PathLike, *, dtype=jnp.float32) -> AutoencoderKL:
-  """`load` for a converted VAE."""
+  """`load` for a converted VAE (a converted pipeline folder: its VAE)."""
   return _load_kind(path, "vae", dtype=dtype)
 
 
 def load_text_encoder(path: str | os.PathLike, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
                       **module_kw) -> DecoderEncoder | T5Encoder | CLIPTextEncoder:
   """`load` for a converted text encoder (Qwen3 / Mistral, T5 or CLIP, as its config.json names it); its
-  tokenizer is in `path/tokenizer`. `module_kw`: `scan_layers`."""
+  tokenizer is in `path/tokenizer`. `module_kw`: `scan_layers`. A converted pipeline folder gives its one text
+  encoder."""
+  path = _component(path, {k.name for k in KINDS.values() if k.text}, "text encoder")
   cfg = read_config(path)
   found = kind_of(cfg)
   if not found.text:
@@ -240,8 +347,8 @@ def save(module: nnx.Module, out: str | os.PathLike, *, force: bool = False) -> 
   params = model_params(module)
   stacked = {".".join(map(str, p)) for p, v in nnx.to_flat_state(nnx.state(module)) if _stacking_axes(v)}
   with atomic_output(out, force=force, directory=True) as tmp:
-    writer = CheckpointWriter(tmp, module.config)
-    writer.add({stored_path(k, None): v for k, v in params.items() if k not in stacked})
-    for k in stacked:
-      writer.add({stored_path(k, i): layer for i, layer in enumerate(params[k])})
-    writer.finish()
+    with CheckpointWriter(tmp, module.config) as writer:
+      writer.add({stored_path(k, None): v for k, v in params.items() if k not in stacked})
+      for k in stacked:
+        writer.add({stored_path(k, i): layer for i, layer in enumerate(params[k])})
+      writer.finish()

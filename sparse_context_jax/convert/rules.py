@@ -26,6 +26,8 @@ from typing import Literal
 
 import numpy as np
 
+from sparse_context_jax.convert.arrays import converted, copy_into
+
 # Our Linear modules: path -> (in_shape, out_shape), per layer (without the stacking axis).
 Layouts = Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]]
 
@@ -96,23 +98,60 @@ def _target_widths(rule: LinearRule, layouts: Layouts) -> list[int]:
   return [math.prod(layouts[t][1] if rule.split == "out" else layouts[t][0]) for t in rule.targets]
 
 
+def _row_segments(rule: LinearRule) -> list[tuple[int, int, int, int]]:
+  """Where the rows of the logical matrix (the sources' rows stacked, halves swapped if asked) come from:
+  (first logical row, source index, first source row, row count), in logical order."""
+  starts = np.cumsum((0,) + rule.source_rows)
+  segments = [(i, int(starts[i]), rows) for i, rows in enumerate(rule.source_rows)]   # (source, stacked row, rows)
+  if rule.swap_halves:  # logical rows: stacked rows [half, total), then [0, half)
+    half, total = int(starts[-1]) // 2, int(starts[-1])
+    segments = [(i, max(a, lo), min(a + n, hi) - max(a, lo)) for lo, hi in ((half, total), (0, half))
+                for i, a, n in segments if max(a, lo) < min(a + n, hi)]
+  out, row = [], 0
+  for i, stacked, rows in segments:
+    out.append((row, i, stacked - int(starts[i]), rows))
+    row += rows
+  return out
+
+
+def _blocks(rule: LinearRule, layouts: Layouts):
+  """The pieces of one layer of a Linear rule: (target, columns of the target's 2-D (in, out) kernel, source index,
+  rows and columns of that source's (out, in) weight), where kernel[:, columns] == weight[rows, columns'].T."""
+  segments, first = _row_segments(rule), 0
+  for t, width in zip(rule.targets, _target_widths(rule, layouts)):
+    for row, i, src_row, rows in segments:
+      if rule.split == "out":   # the target: logical rows [first, first + width), every column
+        a, b = max(row, first), min(row + rows, first + width)
+        if a < b:
+          yield t, slice(a - first, b - first), i, slice(src_row + a - row, src_row + b - row), slice(None)
+      else:                     # the target: logical columns [first, first + width), every row
+        yield t, slice(row, row + rows), i, slice(src_row, src_row + rows), slice(first, first + width)
+    first += width
+
+
+def _kernel_2d(layouts: Layouts, t: str) -> tuple[int, int]:
+  return math.prod(layouts[t][0]), math.prod(layouts[t][1])
+
+
 def to_params(rule: Rule, tensors: Mapping[str, np.ndarray], fmt: dict, layouts: Layouts,
-              has_bias: Mapping[str, bool]) -> dict[str, np.ndarray]:
-  """One layer of a rule: torch tensors (already shape-checked) -> {parameter path: array} (unstacked)."""
+              has_bias: Mapping[str, bool], dtype=None, empty=np.empty) -> dict[str, np.ndarray]:
+  """One layer of a rule: torch tensors (already shape-checked) -> {parameter path: array} (unstacked), new
+  C-contiguous arrays in `dtype` (None: the tensors' own) from `empty(shape, dtype)`. Each weight is copied once,
+  transposed and cast in the same pass, straight into its parameter: no concatenated or float32 intermediate."""
   if isinstance(rule, TensorRule):
-    return {rule.target: TRANSFORMS[rule.transform][0](np.asarray(tensors[rule.source.format(**fmt)]))}
-  w = np.concatenate([tensors[f"{s}.weight".format(**fmt)] for s in rule.sources], axis=0)
+    src = np.asarray(tensors[rule.source.format(**fmt)])
+    return {rule.target: converted(TRANSFORMS[rule.transform][0](src), dtype, empty)}
+  weights = [tensors[f"{s}.weight".format(**fmt)] for s in rule.sources]
+  dtype = np.dtype(dtype or np.result_type(*weights))
+  out = {f"{t}.kernel": empty(layouts[t][0] + layouts[t][1], dtype) for t in rule.targets}
+  for t, cols, i, rows, src_cols in _blocks(rule, layouts):
+    copy_into(out[f"{t}.kernel"].reshape(_kernel_2d(layouts, t))[:, cols], weights[i][rows, src_cols].T)
   biased = [t for t in rule.targets if has_bias[t]]
-  b = np.concatenate([tensors[f"{s}.bias".format(**fmt)] for s in rule.sources]) if biased else None
-  if rule.swap_halves:
-    w, b = _swap(w), (None if b is None else _swap(b))
-  bounds = np.cumsum(_target_widths(rule, layouts))[:-1]
-  out = {}
-  for t, piece in zip(rule.targets, np.split(w, bounds, axis=0 if rule.split == "out" else 1)):
-    in_shape, out_shape = layouts[t]
-    out[f"{t}.kernel"] = np.ascontiguousarray(piece.T).reshape(in_shape + out_shape)
-  if b is not None:
+  if biased:
+    b = np.concatenate([tensors[f"{s}.bias".format(**fmt)] for s in rule.sources])
+    b = converted(_swap(b) if rule.swap_halves else b, dtype)
     if rule.split == "out":
+      bounds = np.cumsum(_target_widths(rule, layouts))[:-1]
       for t, piece in zip(rule.targets, np.split(b, bounds)):
         out[f"{t}.bias"] = piece.reshape(layouts[t][1])
     else:  # one bias over the concatenated inputs, held by the one target that has a bias
@@ -123,29 +162,26 @@ def to_params(rule: Rule, tensors: Mapping[str, np.ndarray], fmt: dict, layouts:
 
 def to_torch(rule: Rule, params: Mapping[str, np.ndarray], fmt: dict, layouts: Layouts,
              has_bias: Mapping[str, bool]) -> dict[str, np.ndarray]:
-  """One layer of a rule: {parameter path: array} (unstacked) -> torch tensors."""
+  """One layer of a rule: {parameter path: array} (unstacked) -> torch tensors (new C-contiguous arrays)."""
   if isinstance(rule, TensorRule):
-    return {rule.source.format(**fmt): np.ascontiguousarray(TRANSFORMS[rule.transform][1](np.asarray(
-        params[rule.target])))}
-  mats = []
-  for t in rule.targets:
-    in_shape, out_shape = layouts[t]
-    mats.append(params[f"{t}.kernel"].reshape(math.prod(in_shape), math.prod(out_shape)).T)
-  w = np.concatenate(mats, axis=0 if rule.split == "out" else 1)
+    return {rule.source.format(**fmt): converted(TRANSFORMS[rule.transform][1](np.asarray(params[rule.target])))}
+  kernels = {t: params[f"{t}.kernel"].reshape(_kernel_2d(layouts, t)) for t in rule.targets}
+  cols = sum(math.prod(layouts[t][0]) for t in rule.targets) if rule.split == "in" else \
+      _kernel_2d(layouts, rule.targets[0])[0]
+  dtype = np.result_type(*kernels.values())
+  weights = [np.empty((rows, cols), dtype) for rows in rule.source_rows]
+  for t, kernel_cols, i, rows, src_cols in _blocks(rule, layouts):
+    copy_into(weights[i][rows, src_cols], kernels[t][:, kernel_cols].T)
+  out = {f"{s}.weight".format(**fmt): w for s, w in zip(rule.sources, weights)}
   biased = [t for t in rule.targets if has_bias[t]]
-  b = None
   if biased:
     if rule.split == "out":
       b = np.concatenate([params[f"{t}.bias"].reshape(-1) for t in rule.targets])
     else:
       (t,) = biased
       b = params[f"{t}.bias"].reshape(-1)
-  if rule.swap_halves:
-    w, b = _swap(w), (None if b is None else _swap(b))
-  bounds = np.cumsum(rule.source_rows)[:-1]
-  out = {f"{s}.weight".format(**fmt): np.ascontiguousarray(piece)
-         for s, piece in zip(rule.sources, np.split(w, bounds, axis=0))}
-  if b is not None:
+    b = _swap(b) if rule.swap_halves else b
+    bounds = np.cumsum(rule.source_rows)[:-1]
     out.update({f"{s}.bias".format(**fmt): np.ascontiguousarray(piece)
                 for s, piece in zip(rule.sources, np.split(b, bounds))})
   return out

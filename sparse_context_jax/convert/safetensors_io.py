@@ -3,13 +3,15 @@
 Format: 8 bytes little-endian header length N, N bytes of JSON `{name: {"dtype", "shape", "data_offsets": [b, e]},
 "__metadata__": {...}}`, then the data; offsets are relative to the end of the header.
 
-Tensors are read one at a time with `os.pread` into a fresh buffer rather than through a memory map: pages of a
-file mapping stay resident (and count in the process RSS) until the map is closed, while a read tensor is freed
-as soon as it is converted, so a streaming converter holds one layer of the checkpoint at a time.
+Tensors are read with `os.preadv` into buffers the caller owns (and can reuse), not through a memory map: pages of
+a file mapping stay resident (and count in the process RSS) until the map is closed. Where the file system allows,
+reads use `O_DIRECT`: the disk writes straight into the buffer, with no copy through the page cache and no page
+cache growth (on this project's 2-core VMs, filling new page-cache pages costs more CPU than the conversion).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -29,6 +31,7 @@ DTYPES: dict[str, np.dtype] = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 2**20  # the reference implementation's limit
+ALIGN = 4096               # O_DIRECT reads: buffer address, file offset and length in multiples of this
 
 
 class SafetensorsFile:
@@ -40,6 +43,7 @@ class SafetensorsFile:
       self._fd = os.open(self.path, os.O_RDONLY)
     except OSError as e:
       raise CheckpointError(f"cannot open {self.path}: {e.strerror}") from None
+    self._direct = -1   # the O_DIRECT descriptor, opened at the first read; None where unsupported
     size = os.fstat(self._fd).st_size
     try:
       self.entries, self.metadata = self._parse_header(size)
@@ -88,22 +92,61 @@ class SafetensorsFile:
     dtype, shape, _ = self.entries[key]
     return math.prod(shape) * dtype.itemsize
 
-  def read(self, key: str) -> np.ndarray:
-    """The tensor `key` as a new (writable, C-contiguous) numpy array."""
+  def span(self, key: str) -> int:
+    """The bytes of a buffer `read(key, buffer)` needs: the tensor's whole aligned blocks, plus alignment slack."""
+    _, _, offset = self.entries[key]
+    start, end = offset - offset % ALIGN, -(-(offset + self.nbytes(key)) // ALIGN) * ALIGN
+    return end - start + ALIGN
+
+  def read(self, key: str, buffer: np.ndarray | None = None) -> np.ndarray:
+    """The tensor `key`, C-contiguous: a view into `buffer` (uint8, at least `span(key)` bytes, which the caller
+    may reuse once done with the tensor), or into a new buffer."""
     dtype, shape, offset = self.entries[key]
-    buf = np.empty(self.nbytes(key), np.uint8)
-    view, done = memoryview(buf), 0
-    while done < len(buf):  # pread may return short counts
-      got = os.preadv(self._fd, [view[done:]], offset + done)
+    n = self.nbytes(key)
+    if buffer is None:
+      buffer = np.empty(self.span(key), np.uint8)
+    start = offset - offset % ALIGN
+    blocks = self.span(key) - ALIGN
+    first = -buffer.ctypes.data % ALIGN
+    view = buffer[first:first + blocks]
+    need = offset + n - start
+    done = self._read_direct(view, start, need)
+    while done < need:  # the rest (or all, without O_DIRECT) through the page cache; pread may return short counts
+      got = os.preadv(self._fd, [view[done:need]], start + done)
       if got == 0:
         raise CheckpointError(f"{self.path} is truncated: reading tensor {key!r} hit the end of the file")
       done += got
-    return buf.view(dtype).reshape(shape)
+    return view[offset - start:offset - start + n].view(dtype).reshape(shape)
+
+  def _read_direct(self, view: memoryview, start: int, need: int) -> int:
+    """Reads whole blocks from `start` with O_DIRECT while it works; returns the bytes read (0: not supported)."""
+    if self._direct == -1:
+      try:
+        self._direct = os.open(self.path, os.O_RDONLY | os.O_DIRECT) if hasattr(os, "O_DIRECT") else None
+      except OSError:
+        self._direct = None
+    done = 0
+    while self._direct is not None and done < need and done % ALIGN == 0:
+      try:
+        got = os.preadv(self._direct, [view[done:]], start + done)
+      except OSError as e:
+        if e.errno != errno.EINVAL:
+          raise
+        os.close(self._direct)   # the file system refuses direct reads: buffered from now on
+        self._direct = None
+        break
+      if got == 0:
+        break
+      done += got
+    return min(done, need)
 
   def close(self) -> None:
     if self._fd >= 0:
       os.close(self._fd)
       self._fd = -1
+    if getattr(self, "_direct", None) not in (None, -1):
+      os.close(self._direct)
+      self._direct = None
 
   def __del__(self):
     if getattr(self, "_fd", -1) >= 0:

@@ -23,6 +23,7 @@ class TensorSource:
                config: dict | None):
     self.description, self.config = description, config
     self._files, self._where = files, where  # where: name -> (file path, key in that file)
+    self._arena: np.ndarray | None = None
 
   def keys(self) -> list[str]:
     return list(self._where)
@@ -50,7 +51,22 @@ class TensorSource:
     f, key = self._entry(name)
     return f.read(key)
 
+  def read_group(self, names: list[str]) -> dict[str, np.ndarray]:
+    """Several tensors, read into one buffer that the next `read_group` overwrites: use (copy) them before then.
+    Reusing the buffer keeps a streaming conversion from touching new memory for every layer."""
+    spans = [f.span(key) for f, key in map(self._entry, names)]
+    if self._arena is None or self._arena.size < sum(spans):
+      self._arena = None
+      self._arena = np.empty(sum(spans), np.uint8)
+    out, at = {}, 0
+    for name, span in zip(names, spans):
+      f, key = self._entry(name)
+      out[name] = f.read(key, self._arena[at:at + span])
+      at += span
+    return out
+
   def close(self) -> None:
+    self._arena = None
     for f in self._files.values():
       f.close()
 

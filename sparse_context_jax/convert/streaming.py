@@ -16,7 +16,6 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 from sparse_context_jax.convert.rules import (Rule, layer_formats, source_keys, target_keys, to_params, to_torch,
                                              torch_shapes)
@@ -28,6 +27,7 @@ from sparse_context_jax.convert.sources import open_source
 from sparse_context_jax.convert.state_dict import ModelSpec, check_tensors
 from sparse_context_jax.convert.tokenizer import TOKENIZER_DIR, check_tokenizer, copy_tokenizer, find_tokenizer
 from sparse_context_jax.errors import CheckpointError, format_keys
+from sparse_context_jax.progress import progress
 
 SOURCE_DTYPES = tuple(np.dtype(d) for d in ("float64", "float32", "float16", jnp.bfloat16))
 OUTPUT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jnp.bfloat16)}
@@ -55,10 +55,9 @@ def rule_groups(spec: ModelSpec, layout: str) -> list[Group]:
   return [groups[k] for k in sorted(groups, key=lambda k: (k is not None, k or ("", 0)))]
 
 
-def _progress(total_bytes: int, n_tensors: int, desc: str, enabled: bool | None):
-  # enabled=None: shown only on a terminal (never mixed into the output of scripts and tests).
-  return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=(
-      not sys.stderr.isatty() if enabled is None else not enabled), postfix={"tensors": f"0/{n_tensors}"})
+def _bar(total_bytes: int, desc: str, enabled: bool | None):
+  # enabled=None: a bar on a terminal, plain lines every few seconds otherwise (`sparse_context_jax.progress`).
+  return progress(total_bytes, desc, "B", enabled=enabled)
 
 
 def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "float32",
@@ -102,23 +101,27 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, dtype:
     tokenizer = find_tokenizer(source.description) if kind.text else None
 
     groups = rule_groups(spec, layout)
-    with atomic_output(out, force=force, directory=True) as tmp, \
-        _progress(sum(source.nbytes(k) for k in keys), len(keys), f"convert {Path(source.description).name}",
-                  progress) as bar:
+    total = sum(source.nbytes(k) for k in keys)
+    with atomic_output(out, force=force, directory=True) as tmp, CheckpointWriter(tmp, cfg) as writer, \
+        _bar(total, f"convert {Path(source.description).name}", progress) as bar:
       if tokenizer is not None:
         copy_tokenizer(tokenizer, tmp / TOKENIZER_DIR)
         check_tokenizer(tmp / TOKENIZER_DIR, cfg.vocab_size, f"{source.description} ({kind.noun})")
-      writer, done = CheckpointWriter(tmp, cfg), 0
+      done = 0
       for g in groups:
-        tensors = {k: source.read(k) for k in g.torch_keys}
+        # Bounded memory: wait for earlier groups' writes while this one's parameters would overflow the budget;
+        # otherwise this group is read and converted while the previous ones are being written.
+        writer.room(sum(source.nbytes(k) // source.dtype(k).itemsize for k in g.torch_keys) * out_dtype.itemsize)
+        tensors = source.read_group(g.torch_keys)   # valid until the next group's read
         params = {}
         for rule, fmt in g.rules:
-          params.update(to_params(rule, tensors, fmt, spec.layouts, spec.has_bias))
-        writer.add({stored_path(k, g.layer): np.asarray(v, out_dtype) for k, v in params.items()})
+          params.update(to_params(rule, tensors, fmt, spec.layouts, spec.has_bias, out_dtype, writer.empty))
         done += len(tensors)
         bar.update(sum(t.nbytes for t in tensors.values()))
         bar.set_postfix(tensors=f"{done}/{len(keys)}")
-        del tensors, params
+        del tensors
+        writer.add({stored_path(k, g.layer): v for k, v in params.items()})
+        del params
       writer.finish()
   finally:
     source.close()
@@ -158,7 +161,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, layout
              for name, shape in torch_shapes(rule, fmt, spec.layouts, spec.has_bias, spec.param_shapes).items()]
   total = sum(int(np.prod(s)) * dtype.itemsize for _, _, s in entries)
   with atomic_output(out, force=force, directory=False) as tmp, \
-      _progress(total, len(entries), f"export {Path(out).name}", progress) as bar:
+      _bar(total, f"export {Path(out).name}", progress) as bar:
     writer, done = SafetensorsWriter(tmp, entries, {"format": "pt"}), 0
     for g in groups:
       got = restore(ckpt, {stored_path(k, g.layer): dtype for k in g.param_keys})

@@ -1,0 +1,111 @@
+"""`convert` of a whole diffusers pipeline folder (`model_index.json` + one folder per component): every component
+the converter knows goes to `OUT/<component>` (transformer, VAE, text encoders, each through `convert_checkpoint`),
+tokenizers and the scheduler's config are copied, anything else is skipped with a note; `OUT/pipeline.json`
+(`pipeline_index`) records which is which. Atomic as a whole: after any error nothing is left at `OUT`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from sparse_context_jax.convert.kinds import kind_of
+from sparse_context_jax.convert.output import atomic_output, check_destination
+from sparse_context_jax.convert.pipeline_index import INDEX
+from sparse_context_jax.convert.streaming import OUTPUT_DTYPES, convert_checkpoint
+from sparse_context_jax.convert.text_detect import text_kind_of
+from sparse_context_jax.convert.tokenizer import copy_tokenizer
+from sparse_context_jax.errors import CheckpointError
+
+MODEL_INDEX = "model_index.json"
+# diffusers classes of the components the converter knows (text encoders are known by their config.json).
+MODEL_CLASSES = {"FluxTransformer2DModel", "Flux2Transformer2DModel", "AutoencoderKL", "AutoencoderKLFlux2"}
+
+
+@dataclasses.dataclass
+class PipelineReport:
+  pipeline: str                                   # the diffusers pipeline class
+  converted: dict[str, object]                    # component -> its config (MMDiTConfig, VAEConfig, ...)
+  copied: list[str]                               # tokenizers, scheduler
+  skipped: dict[str, str]                         # component -> why
+
+
+def is_pipeline(path: str | os.PathLike) -> bool:
+  return (Path(path) / MODEL_INDEX).is_file()
+
+
+def _read_json(path: Path) -> dict:
+  try:
+    d = json.loads(path.read_text())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"cannot read {path}: {e}") from None
+  if not isinstance(d, dict):
+    raise CheckpointError(f"{path} is not a JSON object")
+  return d
+
+
+def _role(root: Path, name: str, entry) -> tuple[str, str]:
+  """What to do with one component of model_index.json: ("convert" | "copy" | "skip", why)."""
+  cls = entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
+  folder = root / name
+  if cls is None:
+    return "absent", "none in this pipeline"
+  if not folder.is_dir():
+    return "skip", f"{cls}: no {name}/ folder"
+  if cls in MODEL_CLASSES:
+    return "convert", cls
+  config = folder / "config.json"
+  if config.is_file() and text_kind_of(_read_json(config)) is not None:
+    return "convert", cls
+  if name.startswith("tokenizer") or (cls or "").endswith(("Tokenizer", "TokenizerFast")):
+    return "copy", cls
+  if (cls or "").endswith("Scheduler") or (folder / "scheduler_config.json").is_file():
+    return "copy", cls
+  return "skip", f"{cls}: not a model this converter knows"
+
+
+def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "float32", force: bool = False,
+                     progress: bool | None = None, text_layers: int | None = None,
+                     note: Callable[[str], None] | None = None) -> PipelineReport:
+  """Converts every known component of the diffusers pipeline folder `src` into `out/<component>` (see the
+  module doc); `text_layers` applies to its Qwen3 / Mistral text encoder. Returns what was done."""
+  note = note or (lambda line: print(f"note: {line}", file=sys.stderr))
+  if dtype not in OUTPUT_DTYPES:
+    raise CheckpointError(f"dtype {dtype!r}; expected one of {sorted(OUTPUT_DTYPES)}")
+  root = Path(src)
+  check_destination(out, force)
+  index = _read_json(root / MODEL_INDEX)
+  components = {k: v for k, v in index.items() if not k.startswith("_")}
+  roles = {name: _role(root, name, entry) for name, entry in components.items()}
+  if not any(role == "convert" for role, _ in roles.values()):
+    raise CheckpointError(f"{root / MODEL_INDEX} names no component this converter knows "
+                          f"({', '.join(f'{n}: {why}' for n, (_, why) in roles.items()) or 'no components'})")
+  decoders = [n for n, (role, _) in roles.items() if role == "convert" and (root / n / "config.json").is_file()
+              and text_kind_of(_read_json(root / n / "config.json")) == "text-decoder"]
+  if text_layers is not None and not decoders:
+    raise CheckpointError(f"--text-layers applies to Qwen3 / Mistral text encoders; {root} has none")
+  report = PipelineReport(str(index.get("_class_name", "unknown")), {}, [], {})
+  with atomic_output(out, force=force, directory=True) as tmp:
+    for name, (role, why) in roles.items():
+      if role == "convert":
+        report.converted[name] = convert_checkpoint(
+            root / name, tmp / name, dtype=dtype, progress=progress,
+            text_layers=text_layers if name in decoders else None, note=lambda line, n=name: note(f"{n}: {line}"))
+      elif role == "copy":
+        if name.startswith("tokenizer") or (why or "").endswith(("Tokenizer", "TokenizerFast")):
+          copy_tokenizer(root / name, tmp / name)
+        else:
+          shutil.copytree(root / name, tmp / name)
+        report.copied.append(name)
+      elif role == "skip":
+        report.skipped[name] = why
+    (tmp / INDEX).write_text(json.dumps({
+        "pipeline": report.pipeline, "dtype": dtype,
+        "components": {name: kind_of(cfg).name for name, cfg in report.converted.items()},
+        "copied": report.copied, "skipped": report.skipped, "model_index": index}, indent=2))
+  return report

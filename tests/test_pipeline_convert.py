@@ -1,0 +1,111 @@
+"""`convert` of a whole diffusers pipeline folder (model_index.json, a tiny Flux2Transformer2DModel, AutoencoderKLFlux2
+and Qwen3ForCausalLM with its tokenizer, all written by save_pretrained, and a scheduler) -> every component loads
+and equals its torch module; one bad component leaves nothing; components the converter does not know are
+reported."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from flax import nnx
+
+import reference as ref
+import text_reference as text_ref
+from conftest import torch_model
+from sparse_context_jax import load_model, load_text_encoder, load_vae
+from sparse_context_jax.cli import main
+from sparse_context_jax.convert import (CheckpointError, convert_pipeline, load, model_params, params_from_state_dict,
+                                        pipeline_components)
+from test_text_convert import save_tokenizer
+from test_vae import jax_vae, torch_vae
+
+
+def write_pipeline(root, *, text_encoder: bool = True, extra: dict | None = None) -> None:
+  """A Flux2KleinPipeline-shaped folder as diffusers' save_pretrained lays it out."""
+  torch_model("flux2-klein-2ref").save_pretrained(str(root / "transformer"))
+  torch_vae("flux2").save_pretrained(str(root / "vae"))
+  FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(str(root / "scheduler"))
+  index = {"_class_name": "Flux2KleinPipeline", "_diffusers_version": "0.42.1",
+           "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+           "transformer": ["diffusers", "Flux2Transformer2DModel"], "vae": ["diffusers", "AutoencoderKLFlux2"],
+           "text_encoder": [None, None], "tokenizer": [None, None], **(extra or {})}
+  if text_encoder:
+    text_ref.torch_model("qwen3-causal-lm").save_pretrained(str(root / "text_encoder"))
+    save_tokenizer(root / "tokenizer")
+    index.update(text_encoder=["transformers", "Qwen3ForCausalLM"], tokenizer=["transformers", "Qwen2TokenizerFast"])
+  (root / "model_index.json").write_text(json.dumps(index))
+
+
+def test_every_component_converts_and_equals_torch(tmp_path, capsys):
+  root, out = tmp_path / "pipe", tmp_path / "out"
+  write_pipeline(root, extra={"image_encoder": ["transformers", "SiglipVisionModel"]})
+  (root / "image_encoder").mkdir()
+  assert main(["convert", str(root), str(out)]) == 0
+  printed = capsys.readouterr().out
+  assert "Flux2KleinPipeline" in printed and "image_encoder" in printed and "SiglipVisionModel" in printed
+
+  parts = pipeline_components(out)
+  assert set(parts) == {"transformer", "vae", "text_encoder"}
+  index = json.loads((out / "pipeline.json").read_text())
+  assert index["pipeline"] == "Flux2KleinPipeline" and sorted(index["copied"]) == ["scheduler", "tokenizer"]
+  assert index["components"] == {"transformer": "transformer", "vae": "vae", "text_encoder": "text-decoder"}
+  assert set(index["skipped"]) == {"image_encoder"}
+  assert (out / "scheduler" / "scheduler_config.json").is_file()
+  assert (out / "tokenizer" / "tokenizer.json").is_file() and (out / "text_encoder" / "tokenizer").is_dir()
+
+  tm = torch_model("flux2-klein-2ref")
+  cfg = ref.config_of(tm)
+  for model in (load_model(out), load(parts["transformer"])):   # the pipeline folder, or its component
+    got, want = model_params(model), params_from_state_dict(cfg, ref.state_dict(tm))
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+  got, want = nnx.to_flat_state(nnx.state(load_vae(out))), nnx.to_flat_state(nnx.state(jax_vae("flux2")))
+  for (p, x), (_, y) in zip(got, want):
+    assert np.array_equal(x[...], y[...]), p
+  ids, mask = text_ref.prompts((9, 5), 9, seed=3)
+  with torch.no_grad():
+    want = text_ref.torch_model("qwen3-causal-lm")(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(
+        mask), output_hidden_states=True).hidden_states
+  got = load_text_encoder(out)(jnp.asarray(ids), jnp.asarray(mask))   # every hidden state
+  assert len(got) == len(want) and max(text_ref.rel_err(g, w.numpy()) for g, w in zip(got, want)) <= 1e-5
+
+
+def test_transformer_and_vae_only_in_bfloat16(tmp_path):
+  root, out = tmp_path / "pipe", tmp_path / "out"
+  write_pipeline(root, text_encoder=False)
+  report = convert_pipeline(root, out, dtype="bfloat16")
+  assert set(report.converted) == {"transformer", "vae"} and report.copied == ["scheduler"]
+  assert not report.skipped   # text_encoder / tokenizer are [null, null]: absent, nothing to say
+  model = load_model(out, dtype=jnp.bfloat16)
+  assert all(v.dtype == jnp.bfloat16 for v in model_params(model).values())
+  with pytest.raises(CheckpointError, match="no text encoder component"):
+    load_text_encoder(out)
+
+
+def test_a_bad_component_leaves_nothing(tmp_path):
+  root, out = tmp_path / "pipe", tmp_path / "out"
+  write_pipeline(root, text_encoder=False)
+  (root / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x08" + b"\x00" * 7 + b"garbage!")
+  with pytest.raises(CheckpointError, match="vae"):
+    convert_pipeline(root, out)
+  assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+  assert main(["convert", str(root), str(out)]) == 2 and not out.exists()
+
+
+def test_pipeline_errors(tmp_path):
+  root = tmp_path / "pipe"
+  root.mkdir()
+  (root / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline",
+                                                     "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}))
+  with pytest.raises(CheckpointError, match="names no component this converter knows"):
+    convert_pipeline(root, tmp_path / "out")
+  write_pipeline(root, text_encoder=False)
+  with pytest.raises(CheckpointError, match="--text-layers applies to Qwen3 / Mistral"):
+    convert_pipeline(root, tmp_path / "out", text_layers=2)
+  with pytest.raises(CheckpointError, match="not a converted pipeline"):
+    pipeline_components(root)
+  assert not (tmp_path / "out").exists()
