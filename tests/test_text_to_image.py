@@ -22,7 +22,7 @@ import reference as ref
 from sparse_context_jax.encoders.tiny_tokenizers import save_tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZE, STEPS = 32, 3
+SIZE, STEPS = 64, 3
 PROMPTS = ["a red cube on a blue floor", ""]
 
 

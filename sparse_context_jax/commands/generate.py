@@ -23,7 +23,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sparse_context_jax.cli import UserError
-from sparse_context_jax.convert import CheckpointError, load_model, load_vae, pipeline_components, read_config
+from sparse_context_jax.convert import (CheckpointError, is_converted_pipeline, load_model, load_vae, pipeline_components,
+                                       read_config)
 from sparse_context_jax.convert.output import atomic_output
 from sparse_context_jax.encoders.vae import VAEImageEncoder
 from sparse_context_jax.generate import BadJob, Failed, Generator, Pipeline, read_jobs
@@ -77,16 +78,18 @@ def _random_config(spec: str, presets: dict, cls, what: str):
 def _resolve_folders(args) -> None:
   """A converted pipeline folder as --model: its transformer, and its VAE and text encoder(s) where the flags name
   none. Leaves args.model, args.vae and args.text_encoder naming single converted folders."""
-  components = pipeline_components(args.model) if args.model else {}
-  if components:
+  if args.model and is_converted_pipeline(args.model):
+    try:
+      components = pipeline_components(args.model)
+    except CheckpointError as e:
+      raise UserError(str(e)) from None
     if "transformer" not in components:
       raise UserError(f"--model {args.model}: a converted pipeline without a transformer")
-    args.model = str(components["transformer"])
+    root, args.model = args.model, str(components["transformer"])
     if not (args.vae or args.random_vae) and "vae" in components:
       args.vae = str(components["vae"])
-    texts = [str(components[k]) for k in ("text_encoder", "text_encoder_2") if k in components]
-    if not (args.text_encoder or args.random_text_encoder) and texts:
-      args.text_encoder = texts
+    if not (args.text_encoder or args.random_text_encoder) and "text_encoder" in components:
+      args.text_encoder = [root]   # the prompt encoder finds the pipeline's encoders and tokenizers
   if not (args.vae or args.random_vae):
     raise UserError("give --vae DIR or --random-vae (or a converted pipeline folder with a VAE as --model)")
 
