@@ -201,3 +201,39 @@ def test_bad_kv_arguments_are_named():
   with pytest.raises(ValueError, match="needs a FLUX.2 model"):
     flux1(**{k: jnp.asarray(v) for k, v in inputs("flux1-kontext").items()}, kv_cache_mode="extract",
           num_ref_tokens=4)
+
+
+def test_training_a_kv_model_fits_its_extract_call():
+  """`loss_sums` of a KV config is the flow-matching loss of the extract call (the function the KV loop samples
+  with), not of the joint call."""
+  import types
+
+  from flax import nnx
+
+  from sparse_context_jax.model.positions import image_ids, text_ids
+  from sparse_context_jax.sparse.buckets import rung_at
+  from sparse_context_jax.train.objective import loss_sums
+
+  joint = jax_model("flux2-klein-2ref")
+  kv = nnx.merge(*nnx.split(joint))
+  kv.config = joint.config.replace(reference_attention="kv")
+  cfg, grid, B, R = joint.config, (2, 3), 2, 2
+  rng = np.random.default_rng(3)
+  n = grid[0] * grid[1]
+  batch = {"target": rng.standard_normal((B, n, cfg.in_channels)),
+           "refs": rng.standard_normal((B, R, n, cfg.in_channels)), "ref_valid": np.ones((B, R), bool), "txt": rng.standard_normal((B, 5, cfg.context_dim)),
+           "weight": np.ones(B), "t": rng.uniform(0.1, 0.9, B), "drop_scores": rng.uniform(size=(B, R, n))}
+  batch["eps"] = batch["target"]   # a zero velocity target: the loss is the mean square of the prediction
+  batch = {k: jnp.asarray(v, jnp.float32 if v.dtype == np.float64 else v.dtype) for k, v in batch.items()}
+  rung = rung_at(1.0, (grid,) * R)
+  objective = types.SimpleNamespace(guidance=None)
+  t, x0, eps = batch["t"][:, None, None], batch["target"], batch["eps"]
+  img = jnp.concatenate([(1 - t) * x0 + t * eps] + [batch["refs"][:, i] for i in range(R)], axis=1)
+  ids = np.concatenate([image_ids(cfg, *grid)] + [image_ids(cfg, *grid, 10 + 10 * i) for i in range(R)])
+  out, _ = kv(img, batch["txt"], batch["t"], jnp.asarray(ids), jnp.asarray(text_ids(cfg, 5)),
+              kv_cache_mode="extract", num_ref_tokens=R * n)
+  want = float(jnp.sum(jnp.mean(jnp.square(out[:, :n] - (eps - x0)), axis=(1, 2))))
+  got, weight = loss_sums(kv, objective, batch, rung)
+  assert float(weight) == B and abs(float(got) - want) <= 1e-5 * want
+  # the two functions' predictions differ by ~1e-2, their mean squares by ~1e-3 (float rounding: ~1e-7)
+  assert abs(float(loss_sums(joint, objective, batch, rung)[0]) - want) > 1e-4 * want
