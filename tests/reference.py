@@ -17,6 +17,7 @@ computation of the references already runs in the model dtype (diffusers' `t.to(
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 
 import numpy as np
@@ -178,3 +179,28 @@ def rel_err(a, b) -> float:
   """max |a - b| / max |b|."""
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def with_kv_processors(model):
+  """A copy of a diffusers FLUX.2 model with the klein-KV attention processors, as `Flux2KleinKVPipeline` sets
+  them (they take the K/V arguments; without them they equal the default processors)."""
+  model = copy.deepcopy(model)
+  for block in model.transformer_blocks:
+    block.attn.set_processor(transformer_flux2.Flux2KVAttnProcessor())
+  for block in model.single_transformer_blocks:
+    block.attn.set_processor(transformer_flux2.Flux2KVParallelSelfAttnProcessor())
+  return model
+
+
+@torch.no_grad()
+def torch_kv_forward(model, img, txt, timesteps, img_ids, txt_ids, guidance=None, **kv):
+  """diffusers' forward with K/V arguments (`kv_cache_mode`, `num_ref_tokens`, `kv_cache`, ...), exact sinusoids;
+  returns (output numpy, the diffusers cache or None)."""
+  t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
+  kw = dict(hidden_states=t(img), encoder_hidden_states=t(txt), timestep=t(timesteps), img_ids=t(img_ids),
+            txt_ids=t(txt_ids), return_dict=False, **kv)
+  if guidance is not None:
+    kw["guidance"] = t(guidance)
+  with exact_sinusoids():
+    out = model(**kw)
+  return out[0].numpy(), (out[1] if len(out) > 1 else None)

@@ -103,3 +103,21 @@ def test_sharded_batch_equals_single_device_and_batch_mates_do_not_matter(tmp_pa
 def test_missing_jobs_file_is_one_line(tmp_path):
   r = _generate(tmp_path / "nope.jsonl")
   assert r.returncode == 2 and r.stderr.strip().startswith("error: jobs file") and "Traceback" not in r.stderr
+
+
+def test_a_kv_model_samples_with_the_reference_kv_loop_and_reports_its_cache(tmp_path):
+  joint, kv = tmp_path / "joint", tmp_path / "kv"
+  for folder, cfg in ((joint, MODEL), (kv, MODEL.replace(reference_attention="kv"))):
+    folder.mkdir()
+    jobs = _world(folder, 2)
+    (folder / "model.json").write_text(cfg.to_json())
+    r = _generate(jobs)
+    assert r.returncode == 0, r.stderr
+  report = json.loads((kv / "jobs.report.json").read_text())
+  assert sum(p["program"] == "sample" for p in report["programs"]) == 1
+  # k and v of 2 blocks, 16 reference slots (8 + 8 kept), hidden 32, float32
+  assert [j["kv_cache_bytes"] for j in report["jobs"]] == [2 * 2 * 16 * 32 * 4] * 2
+  assert all(j["kv_cache_bytes"] is None for j in json.loads((joint / "jobs.report.json").read_text())["jobs"])
+  for i in range(2):
+    a, b = np.load(joint / f"out/{i}.npy"), np.load(kv / f"out/{i}.npy")
+    assert np.all(np.isfinite(b)) and not np.allclose(a, b)

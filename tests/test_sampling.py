@@ -13,7 +13,7 @@ from conftest import jax_model, torch_model
 from sparse_context_jax import preset
 from sparse_context_jax.programs import ModuleProgram
 from sparse_context_jax.sampling import Conditioning, denoise, flux1_mu, flux2_mu, schedule_for, sigmas
-from sparse_context_jax.sparse import Reference, SparsePacker, SparseRequest
+from sparse_context_jax.sparse import Reference, SparsePacker, SparseRequest, dense_inputs
 
 FLUX1_SCHEDULER = dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                        max_image_seq_len=4096, shift=3.0)
@@ -122,3 +122,74 @@ def test_sparse_references_in_the_loop():
   assert np.array_equal(run(full), run(full, lengths=False))
   sparse = run(packer(noise, size, refs, SparseRequest("grid", keep=0.25)))
   assert np.all(np.isfinite(sparse)) and sparse.shape == (2, n, cfg.in_channels)
+
+
+@torch.no_grad()
+def _torch_kv_loop(model, scheduler, noise, refs, ref_ids, x):
+  """`Flux2KleinKVPipeline`'s loop: step 0 on `[refs | target]` extracts the references' K/V, later steps run the
+  target alone with the cache."""
+  t_ = lambda a: torch.from_numpy(np.ascontiguousarray(a))
+  latents, cache, n = t_(noise), None, noise.shape[1]
+  target_ids = x["img_ids"][:n]
+  for i, t in enumerate(scheduler.timesteps):
+    kw = dict(encoder_hidden_states=t_(x["txt"]), timestep=t.expand(latents.shape[0]) / 1000, txt_ids=t_(x["txt_ids"]),
+              return_dict=False)
+    if i == 0:
+      pred, cache = model(hidden_states=torch.cat([t_(refs), latents], dim=1), img_ids=t_(np.concatenate(
+          [ref_ids, target_ids])), kv_cache_mode="extract", num_ref_tokens=refs.shape[1], **kw)
+    else:
+      pred = model(hidden_states=latents, img_ids=t_(target_ids), kv_cache=cache, kv_cache_mode="cached", **kw)[0]
+    latents = scheduler.step(pred, t, latents, return_dict=False)[0]
+  return latents.numpy()
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_kv_loop_equals_diffusers_klein_kv(steps):
+  name = "flux2-klein-2ref"
+  tm = ref.with_kv_processors(torch_model(name))
+  cfg = ref.config_of(tm)
+  x = ref.make_inputs(cfg, batch=2, target=(4, 4), refs=((2, 3), (3, 2)), seed=5)
+  n = 16
+  noise = np.random.default_rng(6).standard_normal((2, n, cfg.in_channels)).astype(np.float32)
+  refs = x["img"][:, n:]
+  scheduler = _diffusers_sigmas(steps, flux2_mu(n, steps), use_dynamic_shifting=True)
+  with ref.exact_sinusoids():
+    expected = _torch_kv_loop(tm, scheduler, noise, refs, x["img_ids"][n:], x)
+  sample = ModuleProgram(jax_model(name), denoise, "sample")
+  cond = Conditioning(refs=jnp.asarray(refs), img_ids=jnp.asarray(x["img_ids"]), txt=jnp.asarray(x["txt"]),
+                      txt_ids=jnp.asarray(x["txt_ids"]))
+  got = sample(jnp.asarray(noise), jnp.asarray(schedule_for(cfg, n, steps)), cond, reference_kv=True)
+  err = ref.rel_err(got, expected)
+  print(f"klein KV loop, {steps} steps: latents relative error {err:.2e}")
+  assert err <= 1e-4
+
+
+def test_sparse_references_in_the_kv_loop():
+  """Keep 1 through the packer (the padded path) equals the dense KV loop bit for bit; a sparse bucket's loop equals
+  the loop on its kept tokens alone; budgets of one rung share one compiled program."""
+  name = "flux2-klein-2ref"
+  model = jax_model(name)
+  cfg = model.config
+  rng = np.random.default_rng(0)
+  size, n = (64, 64), 16
+  noise = jnp.asarray(rng.standard_normal((2, n, cfg.in_channels)).astype(np.float32))
+  refs = [Reference(rng.standard_normal((2, 16, cfg.in_channels)).astype(np.float32), (64, 64)) for _ in range(2)]
+  txt = ref.make_inputs(cfg, batch=2, txt_len=5)
+  packer = SparsePacker(cfg)
+  sample, unpadded = ModuleProgram(model, denoise, "sample"), ModuleProgram(model, denoise, "unpadded")
+  s = jnp.asarray(schedule_for(cfg, n, 3))
+  cond = lambda refs, ids, lengths=None: Conditioning(refs=refs, img_ids=ids, img_lengths=lengths,
+                                                      txt=jnp.asarray(txt["txt"]), txt_ids=jnp.asarray(txt["txt_ids"]))
+  run = lambda c, program=sample: np.asarray(program(noise, s, c, reference_kv=True))
+
+  full = packer(noise, size, refs, SparseRequest("random", keep=1.0))
+  img, ids = dense_inputs(cfg, noise, size, refs)
+  assert np.array_equal(run(cond(full.img[:, n:], full.img_ids, full.img_lengths)), run(cond(img[:, n:], ids)))
+  before = sample.programs.count
+  for keep in (0.25, 0.15):   # 4 and 3 kept tokens of 16: one rung (capacity 4)
+    x = packer(noise, size, refs, SparseRequest("grid", keep=keep))
+    got = run(cond(x.img[:, n:], x.img_ids, x.img_lengths))
+    kept = int(x.img_lengths[0])   # grid keeps the same tokens in every example
+    alone = run(cond(x.img[:, n:kept], x.img_ids[:, :kept]), unpadded)
+    assert ref.rel_err(got, alone) <= 1e-5, keep
+  assert sample.programs.count == before + 1 and unpadded.programs.count == 2

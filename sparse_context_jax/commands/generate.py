@@ -214,7 +214,8 @@ def _generate(args, cfg: MMDiTConfig, jobs: list, report: dict) -> None:
             "line": r.job.line, "output": str(r.job.output), "strategy": request.strategy,
             "keep": request.keep, "tau": request.tau, "kept_tokens": r.prepared.kept,
             "bucket": r.prepared.plan.rung.ratio, "sequence": r.prepared.sequence, "valid": r.prepared.valid,
-            "batch_size": r.batch_size, "batch_seconds": round(r.batch_seconds, 4)})
+            "batch_size": r.batch_size, "batch_seconds": round(r.batch_seconds, 4),
+            "kv_cache_bytes": generator.kv_cache_bytes(r.prepared)})
   finally:
     report["programs"] = pipeline.programs()
 

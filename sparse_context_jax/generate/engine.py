@@ -19,6 +19,7 @@ from sparse_context_jax.encoders.base import PromptEmbeddings, to_uint8
 from sparse_context_jax.generate.jobs import Job
 from sparse_context_jax.generate.pipeline import Pipeline
 from sparse_context_jax.model.positions import token_grid
+from sparse_context_jax.model.reference_kv import cache_bytes
 from sparse_context_jax.programs import signature
 from sparse_context_jax.sampling import schedule_for
 from sparse_context_jax.sparse import Plan, Reference
@@ -88,6 +89,13 @@ class Generator:
             np.concatenate([p.plan.budgets for p in rows]), prompt, negative, host(lambda j: j.guidance),
             host(lambda j: j.cfg_scale))
     return args, dict(rung=rows[0].plan.rung, target_grid=token_grid(first.size))
+
+  def kv_cache_bytes(self, p: Prepared) -> int | None:
+    """Device memory of the job's reference K/V cache (its bucket's slots; doubled by true CFG), or None when the
+    model samples with joint attention."""
+    if self.cfg.reference_attention != "kv":
+      return None
+    return cache_bytes(self.cfg, 1 if p.job.cfg_scale is None else 2, p.plan.rung.slots, self.pipeline.dtype)
 
   # ---- per job ------------------------------------------------------------------------------------------------
   def prepare(self, job: Job) -> Prepared:

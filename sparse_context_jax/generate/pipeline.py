@@ -9,9 +9,11 @@
     pixels = pipe.decode(latents, (H, W))
 
 `generate` is one program per signature: the gather of the kept reference tokens (`sparse.pack_references`) and the
-whole denoising loop. Reference tokens stay on the device from encoding to sampling; only the per-example budgets
-come to the host (to pick the rung). `generate(..., params=...)` runs other parameters of the same model (a training
-run's). With a mesh, the model's state is replicated on it and `shard` puts batches on its `data` axis.
+whole denoising loop (the reference K/V loop when the model's config says `reference_attention="kv"`: the kept
+reference tokens run at the first step only). Reference tokens stay on the device from encoding to sampling; only
+the per-example budgets come to the host (to pick the rung). `generate(..., params=...)` runs other parameters of
+the same model (a training run's). With a mesh, the model's state is replicated on it and `shard` puts batches on
+its `data` axis.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ class Pipeline:
     if image.token_channels != cfg.in_channels:
       raise ValueError(f"the image encoder {image.name} gives {image.token_channels}-channel tokens; the "
                        f"{cfg.family} transformer reads {cfg.in_channels}-channel tokens")
-    self.cfg, self.image, self.text, self.mesh = cfg, image, text, mesh
+    self.cfg, self.image, self.text, self.mesh, self.dtype = cfg, image, text, mesh, model.dtype
     self.sampler = ModuleProgram(model, in_mesh(mesh, _generate), "sample")
     if mesh is not None:
       replicated = NamedSharding(mesh, PartitionSpec())

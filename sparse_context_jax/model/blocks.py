@@ -2,7 +2,8 @@
 
 Shapes: B batch, T text tokens, L image tokens (target, references, padding), S = T + L, D hidden,
 H heads, Dh head dim. Attention runs over the joint sequence [txt | img]; `kv_len (B,)` counts the valid keys
-(T + valid image tokens), so padding at the end of the image tokens is never attended to.
+(T + valid image tokens), so padding at the end of the image tokens is never attended to. With a `BlockKV`, a block
+runs a mode of the reference K/V cache (`reference_kv`) and also returns its reference (k, v) when extracting.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from flax import nnx
 from sparse_context_jax.model import splash
 from sparse_context_jax.model.config import MMDiTConfig
 from sparse_context_jax.model.layers import Linear, Modulation, RMSNorm, modulate
+from sparse_context_jax.model.reference_kv import BlockKV, per_token
 from sparse_context_jax.model.rope import apply_rope
 
 
@@ -57,6 +59,31 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_len: jax.Array | None
   if impl == "cudnn":
     q, k = q.astype(v.dtype), k.astype(v.dtype)
   return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_len, implementation=impl)
+
+
+def joint_attention(q, k, v, kv_len, impl: str | None, kv: BlockKV | None):
+  """`attention` over the joint sequence, in the reference K/V mode `kv` when given -> (out, reference (k, v)).
+
+  extract: the last `kv.n_ref` queries (the reference slots) attend to their own keys only, the others to every
+  valid key; the slots' (k, v) are returned. cached: the cached reference keys follow the sequence's own, `kv_len`
+  counting them. Otherwise the plain attention, and None.
+  """
+  if kv is None:
+    return attention(q, k, v, kv_len, impl), None
+  if kv.cache is not None:
+    k, v = (jnp.concatenate([x, c.astype(x.dtype)], axis=1) for x, c in zip((k, v), kv.cache))
+    return attention(q, k, v, kv_len, impl), None
+  s = q.shape[1] - kv.n_ref
+  rest = attention(q[:, :s], k, v, kv_len, impl)
+  refs = attention(q[:, s:], k[:, s:], v[:, s:], kv.ref_len, impl)
+  return jnp.concatenate([rest, refs], axis=1), (k[:, s:], v[:, s:])
+
+
+def _reference_mods(mods, kv: BlockKV | None, length: int):
+  """Per-token modulation when extracting (the reference slots at the fixed timestep's), else `mods` as given."""
+  if kv is None or kv.ref_mods is None:
+    return mods
+  return per_token(mods, kv.ref_mods, kv.n_ref, length)
 
 
 class QKV(nnx.Module):
@@ -117,24 +144,26 @@ class DoubleBlock(nnx.Module):
     self.img_mlp = MLP(cfg, **kw)
     self.txt_mlp = MLP(cfg, **kw)
 
-  def __call__(self, img, txt, vec, angles, kv_len, shared_mods):
-    """img (B, L, D), txt (B, T, D), vec (B, D), angles (B, S, Dh/2) -> (img, txt).
+  def __call__(self, img, txt, vec, angles, kv_len, shared_mods, kv: BlockKV | None = None):
+    """img (B, L, D), txt (B, T, D), vec (B, D), angles (B, S, Dh/2) -> (img, txt, reference (k, v) or None).
 
-    `shared_mods` is (mods_img, mods_txt), each (6, B, 1, D), when the modulation is shared, else None.
+    `shared_mods` is (mods_img, mods_txt), each (6, B, 1, D), when the modulation is shared, else None. When
+    extracting, `kv.ref_mods` modulates the image stream's reference slots.
     """
     m_img, m_txt = shared_mods if shared_mods is not None else (self.img_mod(vec), self.txt_mod(vec))
+    m_img = _reference_mods(m_img, kv, img.shape[1])
     t = txt.shape[1]
     q_i, k_i, v_i = self.img_attn(modulate(img, m_img[0], m_img[1], self.eps))
     q_t, k_t, v_t = self.txt_attn(modulate(txt, m_txt[0], m_txt[1], self.eps))
     q = apply_rope(jnp.concatenate([q_t, q_i], axis=1), angles).astype(self.dtype)
     k = apply_rope(jnp.concatenate([k_t, k_i], axis=1), angles).astype(self.dtype)
     v = jnp.concatenate([v_t, v_i], axis=1).astype(self.dtype)
-    a = attention(q, k, v, kv_len, self.attention_impl)
+    a, ref_kv = joint_attention(q, k, v, kv_len, self.attention_impl, kv)
     img = img + m_img[2] * self.img_proj(a[:, t:])
     img = img + m_img[5] * self.img_mlp(modulate(img, m_img[3], m_img[4], self.eps))
     txt = txt + m_txt[2] * self.txt_proj(a[:, :t])
     txt = txt + m_txt[5] * self.txt_mlp(modulate(txt, m_txt[3], m_txt[4], self.eps))
-    return img, txt
+    return img, txt, ref_kv
 
 
 class SingleBlock(nnx.Module):
@@ -150,12 +179,16 @@ class SingleBlock(nnx.Module):
                        in_axes=("heads", "head_dim"), out_axes=("embed",), **kw)
     self.mlp = MLP(cfg, fc2_bias=False, **kw)
 
-  def __call__(self, h, vec, angles, kv_len, shared_mods):
-    """h (B, S, D), vec (B, D), angles (B, S, Dh/2) -> h. `shared_mods` is (3, B, 1, D) or None."""
+  def __call__(self, h, vec, angles, kv_len, shared_mods, kv: BlockKV | None = None):
+    """h (B, S, D), vec (B, D), angles (B, S, Dh/2) -> (h, reference (k, v) or None).
+
+    `shared_mods` is (3, B, 1, D) or None; when extracting, `kv.ref_mods` modulates the reference slots.
+    """
     m = shared_mods if shared_mods is not None else self.modulation(vec)
+    m = _reference_mods(m, kv, h.shape[1])
     x = modulate(h, m[0], m[1], self.eps)
     q, k, v = self.attn(x)
     q = apply_rope(q, angles).astype(self.dtype)
     k = apply_rope(k, angles).astype(self.dtype)
-    a = attention(q, k, v.astype(self.dtype), kv_len, self.attention_impl)
-    return h + m[2] * (self.proj(a) + self.mlp(x))
+    a, ref_kv = joint_attention(q, k, v.astype(self.dtype), kv_len, self.attention_impl, kv)
+    return h + m[2] * (self.proj(a) + self.mlp(x)), ref_kv

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 Family = Literal["flux1", "flux2"]
 MlpKind = Literal["gelu", "swiglu"]
+ReferenceAttention = Literal["joint", "kv"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,10 @@ class MMDiTConfig:
     theta: RoPE base.
     eps: epsilon of the LayerNorms and the QK RMSNorms.
     time_channels: width of the sinusoidal timestep / guidance embedding.
+    reference_attention: how the released pipeline samples with references: "joint" (every token attends to every
+      token at every step) or "kv" (FLUX.2 klein KV: the references' K/V are extracted at the first step and reused,
+      see `model.reference_kv`). The weights are the same; the call chooses (`kv_cache_mode`), this records the
+      default of generation and training. diffusers' transformer config has no such field.
   """
 
   family: Family
@@ -56,6 +61,7 @@ class MMDiTConfig:
   theta: float
   eps: float = 1e-6
   time_channels: int = 256
+  reference_attention: ReferenceAttention = "joint"
 
   def __post_init__(self):
     object.__setattr__(self, "axes_dims", tuple(int(a) for a in self.axes_dims))
@@ -64,6 +70,10 @@ class MMDiTConfig:
       problems.append(f"family={self.family!r} (expected 'flux1' or 'flux2')")
     if self.mlp not in ("gelu", "swiglu"):
       problems.append(f"mlp={self.mlp!r} (expected 'gelu' or 'swiglu')")
+    if self.reference_attention not in ("joint", "kv"):
+      problems.append(f"reference_attention={self.reference_attention!r} (expected 'joint' or 'kv')")
+    elif self.reference_attention == "kv" and not self.shared_modulation:
+      problems.append("reference_attention='kv' needs the shared modulation of FLUX.2 (shared_modulation=True)")
     for name in ("in_channels", "out_channels", "num_heads", "head_dim", "context_dim", "time_channels"):
       if int(getattr(self, name)) <= 0:
         problems.append(f"{name}={getattr(self, name)} (expected > 0)")
@@ -161,7 +171,8 @@ class MMDiTConfig:
                time_channels=c["timestep_guidance_channels"], **common)
 
   def to_diffusers(self) -> dict[str, Any]:
-    """The diffusers `config.json` dict of this architecture (inverse of `from_diffusers`)."""
+    """The diffusers `config.json` dict of this architecture (inverse of `from_diffusers`, but for
+    `reference_attention`: diffusers tells a KV model by its pipeline, not by the transformer's config)."""
     common = dict(
         patch_size=1, in_channels=self.in_channels, out_channels=self.out_channels,
         num_layers=self.depth_double, num_single_layers=self.depth_single,
@@ -211,6 +222,8 @@ PRESETS: dict[str, MMDiTConfig] = {
     "flux2-dev": _flux2(),
     "flux2-klein-4b": _flux2(num_heads=24, depth_double=5, depth_single=20, context_dim=7680, guidance_embed=False),
     "flux2-klein-9b": _flux2(num_heads=32, depth_double=8, depth_single=24, context_dim=12288, guidance_embed=False),
+    "flux2-klein-9b-kv": _flux2(num_heads=32, depth_double=8, depth_single=24, context_dim=12288, guidance_embed=False,
+                                reference_attention="kv"),
 }
 
 

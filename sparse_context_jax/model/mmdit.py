@@ -16,6 +16,7 @@ from sparse_context_jax.model.blocks import DoubleBlock, SingleBlock, resolve_at
 from sparse_context_jax.model.config import MMDiTConfig
 from sparse_context_jax.model.layers import Linear, MLPEmbedder, Modulation, modulate, timestep_embedding
 from sparse_context_jax.model.numerics import at_least_float32
+from sparse_context_jax.model.reference_kv import KV_MODES, BlockKV, ReferenceKV
 from sparse_context_jax.model.rope import rope_angles
 
 REMAT_POLICIES: dict[str, Callable | None] = {
@@ -95,11 +96,13 @@ class MMDiT(nnx.Module):
     self.single_blocks = _stacked(lambda r: SingleBlock(cfg, rngs=r, **block_kw), cfg.depth_single, rngs)
     self.final_layer = FinalLayer(cfg, **kw)
 
-  def __call__(self, img, txt, timesteps, img_ids, txt_ids, *, y=None, guidance=None, img_lengths=None):
+  def __call__(self, img, txt, timesteps, img_ids, txt_ids, *, y=None, guidance=None, img_lengths=None,
+               kv_cache_mode: str | None = None, num_ref_tokens: int = 0, kv_cache: ReferenceKV | None = None,
+               ref_fixed_timestep: float = 0.0):
     """Velocity prediction for every image token.
 
     Args:
-      img: (B, L, in_channels) target tokens, then reference tokens, then padding.
+      img: (B, L, in_channels) target tokens, then reference tokens, then padding (the target alone when cached).
       txt: (B, T, context_dim) text features.
       timesteps: (B,) sigma in [0, 1] (multiplied by 1000 here, in float32 as the references do).
       img_ids: (B, L, n_axes) or (L, n_axes) position ids; txt_ids: (B, T, n_axes) or (T, n_axes).
@@ -107,12 +110,21 @@ class MMDiT(nnx.Module):
       guidance: (B,) guidance scale, for models with a guidance embedder.
       img_lengths: (B,) int, image tokens at positions >= img_lengths[b] are padding: they are never attended to,
         their contents and ids are ignored, and their outputs are zero.
+      kv_cache_mode: None (joint attention), "extract" or "cached": the reference K/V cache (`reference_kv`).
+      num_ref_tokens: extract: NR (static), the reference slots after the N = L - NR target tokens (reference
+        tokens, then padding as `img_lengths` says).
+      kv_cache: cached: the `ReferenceKV` an extract call returned.
+      ref_fixed_timestep: extract: the sigma at which the reference tokens are modulated.
     Returns:
-      (B, L, out_channels) in the compute dtype.
+      (B, L, out_channels) in the compute dtype; extract: (that, the `ReferenceKV`).
     """
     cfg = self.config
     L, T = img.shape[1], txt.shape[1]
     img_ids, txt_ids = self._check_inputs(img, txt, timesteps, img_ids, txt_ids, y, guidance, img_lengths)
+    self._check_kv(img, kv_cache_mode, num_ref_tokens, kv_cache, img_lengths)
+    if kv_cache_mode == "extract" and img_lengths is None:
+      # dense references run the program of a full bucket: the two give bit-equal results
+      img_lengths = jnp.full((img.shape[0],), L, jnp.int32)
 
     kv_len = None
     if img_lengths is not None:
@@ -120,13 +132,11 @@ class MMDiT(nnx.Module):
       img = jnp.where(valid, img, 0)  # padding never enters the network, whatever it holds (inf, nan, ...)
       img_ids = jnp.where(valid, img_ids, 0)
       kv_len = (T + img_lengths).astype(jnp.int32)
+    if kv_cache_mode == "cached":   # the cached reference keys follow the target's
+      ref_len = kv_cache.lengths if kv_cache.lengths is not None else jnp.full((img.shape[0],), kv_cache.num_ref_tokens)
+      kv_len = (T + L + ref_len).astype(jnp.int32)
 
-    vec = self.time_in(timestep_embedding(at_least_float32(timesteps) * 1000, cfg.time_channels))
-    if self.guidance_in is not None:
-      vec = vec + self.guidance_in(timestep_embedding(at_least_float32(guidance) * 1000, cfg.time_channels))
-    if self.vector_in is not None:
-      vec = vec + self.vector_in(y)
-
+    vec = self._vector(timesteps, guidance, y)
     x, c = self.img_in(img), self.txt_in(txt)
     angles = rope_angles(jnp.concatenate([txt_ids, img_ids], axis=1), cfg.axes_dims, cfg.theta)
 
@@ -135,34 +145,109 @@ class MMDiT(nnx.Module):
       single_mods = self.single_mod(vec)
     else:
       double_mods = single_mods = None
-    x, c = self._run(self.double_blocks, (x, c),
-                     lambda blk, carry: blk(*carry, vec, angles, kv_len, double_mods))
-    h = self._run(self.single_blocks, jnp.concatenate([c, x], axis=1),
-                  lambda blk, carry: blk(carry, vec, angles, kv_len, single_mods))
+    double_kv, single_kv, ref_len = self._block_kv(kv_cache_mode, num_ref_tokens, kv_cache, img_lengths, L,
+                                                   timesteps, guidance, y, ref_fixed_timestep)
+
+    def double(blk, carry, cache):
+      img_, txt_, refs = blk(*carry, vec, angles, kv_len, double_mods, double_kv(cache))
+      return (img_, txt_), refs
+
+    (x, c), double_refs = self._run(self.double_blocks, (x, c), double, None if kv_cache is None else kv_cache.double)
+    h, single_refs = self._run(
+        self.single_blocks, jnp.concatenate([c, x], axis=1),
+        lambda blk, carry, cache: blk(carry, vec, angles, kv_len, single_mods, single_kv(cache)),
+        None if kv_cache is None else kv_cache.single)
     out = self.final_layer(h[:, T:], vec)
     if img_lengths is not None:
       out = jnp.where(valid, out, 0)
+    if kv_cache_mode == "extract":
+      return out, ReferenceKV(double_refs, single_refs, ref_len)
     return out
 
-  def _run(self, stack: nnx.Module | None, carry, step):
-    """Applies `step(block, carry)` for every block of a stacked module, scanned or unrolled."""
+  def _vector(self, timesteps, guidance, y):
+    """vec (B, D): the time embedding, plus the guidance and pooled-vector embeddings of models that have them."""
+    cfg = self.config
+    vec = self.time_in(timestep_embedding(at_least_float32(timesteps) * 1000, cfg.time_channels))
+    if self.guidance_in is not None:
+      vec = vec + self.guidance_in(timestep_embedding(at_least_float32(guidance) * 1000, cfg.time_channels))
+    if self.vector_in is not None:
+      vec = vec + self.vector_in(y)
+    return vec
+
+  def _block_kv(self, mode, num_ref_tokens, kv_cache, img_lengths, L, timesteps, guidance, y, ref_fixed_timestep):
+    """Per stack, `cache slice -> BlockKV | None`; and the valid reference slots (B,) of an extract call (or None)."""
+    none = lambda cache: None
+    if mode is None:
+      return none, none, None
+    if mode == "cached":
+      n_ref = kv_cache.num_ref_tokens
+      cached = lambda cache: BlockKV(n_ref, cache=cache)
+      return cached, cached, None
+    ref_len = (img_lengths - (L - num_ref_tokens)).astype(jnp.int32)
+    # a reference query with no valid key (every slot padding) attends to a padding slot: finite, and unused
+    own_len = jnp.maximum(ref_len, 1)
+    ref_vec = self._vector(jnp.full_like(timesteps, ref_fixed_timestep), guidance, y)
+    double_ref_mods, single_ref_mods = self.double_mod_img(ref_vec), self.single_mod(ref_vec)
+    return (lambda cache: BlockKV(num_ref_tokens, own_len, double_ref_mods),
+            lambda cache: BlockKV(num_ref_tokens, own_len, single_ref_mods), ref_len)
+
+  def _run(self, stack: nnx.Module | None, carry, step, xs=None):
+    """`carry, y = step(block, carry, x)` for every block of a stacked module, scanned or unrolled; `x` is the
+    block's slice of `xs` (leading layer axis) or None. Returns (carry, the ys stacked on the layer axis)."""
     if stack is None:
-      return carry
+      return carry, None
     graphdef, state = nnx.split(stack)
 
-    def body(carry, layer_state):
-      return step(nnx.merge(graphdef, layer_state), carry), None
+    def body(carry, layer):
+      layer_state, x = layer
+      return step(nnx.merge(graphdef, layer_state), carry, x)
 
     if self.remat != "none":
       # Under scan XLA cannot merge the recomputation with the forward pass across iterations, so CSE prevention
       # would only block optimisations there; unrolled blocks need it.
       body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
     if self.scan_layers:
-      return jax.lax.scan(body, carry, state)[0]
+      return jax.lax.scan(body, carry, (state, xs))
     depth = jax.tree.leaves(state)[0].shape[0]
+    ys = []
     for i in range(depth):
-      carry = body(carry, jax.tree.map(lambda a: a[i], state))[0]
-    return carry
+      carry, y = body(carry, jax.tree.map(lambda a: a[i], (state, xs)))
+      ys.append(y)
+    return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+
+  def _check_kv(self, img, mode, num_ref_tokens, kv_cache, img_lengths):
+    """Validates the arguments of the reference K/V modes (static, so at trace time)."""
+    cfg = self.config
+    problems = []
+    if mode not in (None, *KV_MODES):
+      raise ValueError(f"kv_cache_mode={mode!r}; expected None, 'extract' or 'cached'")
+    if mode is not None and not cfg.shared_modulation:
+      problems.append("the reference K/V cache needs a FLUX.2 model (shared modulation)")
+    if mode == "extract" and not 1 <= num_ref_tokens < img.shape[1]:
+      problems.append(f"num_ref_tokens={num_ref_tokens}: extracting needs 1 <= num_ref_tokens < "
+                      f"{img.shape[1]} (the image tokens, target first)")
+    if mode != "extract" and num_ref_tokens:
+      problems.append(f"num_ref_tokens={num_ref_tokens} is only read when extracting")
+    if mode == "cached":
+      if kv_cache is None:
+        problems.append("kv_cache_mode='cached' needs the kv_cache of an extract call")
+      else:
+        B, H, Dh = img.shape[0], cfg.num_heads, cfg.head_dim
+        for name, kv, depth in (("double", kv_cache.double, cfg.depth_double),
+                                ("single", kv_cache.single, cfg.depth_single)):
+          shapes = None if kv is None else [tuple(a.shape) for a in kv]
+          want = [(depth, B, kv_cache.num_ref_tokens, H, Dh)] * 2 if depth else None
+          if shapes != want:
+            problems.append(f"kv_cache.{name} has shapes {shapes}, expected {want}")
+        if kv_cache.lengths is not None and tuple(kv_cache.lengths.shape) != (B,):
+          problems.append(f"kv_cache.lengths has shape {tuple(kv_cache.lengths.shape)}, expected ({B},)")
+      if img_lengths is not None:
+        problems.append("img_lengths is not read when cached (img is the target alone; the cache holds the "
+                        "reference lengths)")
+    elif kv_cache is not None:
+      problems.append(f"kv_cache given with kv_cache_mode={mode!r}; it is read only when 'cached'")
+    if problems:
+      raise ValueError("MMDiT reference K/V: " + "; ".join(problems))
 
   def _check_inputs(self, img, txt, timesteps, img_ids, txt_ids, y, guidance, img_lengths):
     """Validates shapes (static, so at trace time); returns ids broadcast to (B, L|T, n_axes)."""

@@ -5,7 +5,8 @@ step compiles once per rung; inside the step every example and every reference d
 `random` strategy's scores, gathered by `sparse.pack_references`), ids gathered with the tokens. `x_t = (1 - t) x0 +
 t eps`, the model predicts `eps - x0`, the loss is the mean squared error over the target tokens only. The step's
 random draws (t, eps, drop scores) are made per example for the whole batch (`draw_noise`), so micro-batching
-changes nothing.
+changes nothing. A model whose config says `reference_attention="kv"` trains the function it samples with: the
+reference K/V extract call (references modulated at the fixed timestep and attending to themselves only).
 """
 
 from __future__ import annotations
@@ -106,7 +107,11 @@ def loss_sums(model, objective, batch: dict, rung: Rung) -> tuple[jax.Array, jax
   if cfg.guidance_embed:
     extra["guidance"] = jnp.full((B,), objective.guidance, jnp.float32)
   T = batch["txt"].shape[1]
+  if cfg.reference_attention == "kv" and rung.slots:
+    # the KV model's own function: references at the fixed timestep, attending to themselves (the first step)
+    extra.update(kv_cache_mode="extract", num_ref_tokens=rung.slots)
   out = model(img, batch["txt"], t, img_ids, jnp.asarray(text_ids(cfg, T)), img_lengths=lengths, **extra)
+  out = out[0] if isinstance(out, tuple) else out
   err = jnp.mean(jnp.square(out[:, :N].astype(jnp.float32) - (eps - x0)), axis=(1, 2))
   w = batch["weight"].astype(jnp.float32)
   return jnp.sum(err * w), jnp.sum(w)
