@@ -25,6 +25,9 @@ from sparse_context_jax.errors import CheckpointError
 MODEL_INDEX = "model_index.json"
 # diffusers classes of the components the converter knows (text encoders are known by their config.json).
 MODEL_CLASSES = {"FluxTransformer2DModel", "Flux2Transformer2DModel", "AutoencoderKL", "AutoencoderKLFlux2"}
+# The last hidden state each FLUX.2 pipeline reads of its Qwen3 / Mistral text encoder (klein: 9, 18, 27; dev: 10,
+# 20, 30): the layers after it are never run, so a pipeline's conversion keeps only these (unless --text-layers).
+LAST_TEXT_LAYER_READ = {"Flux2KleinPipeline": 27, "Flux2KleinKVPipeline": 27, "Flux2Pipeline": 30}
 
 
 @dataclasses.dataclass
@@ -69,6 +72,17 @@ def _role(root: Path, name: str, entry) -> tuple[str, str]:
   return "skip", f"{cls}: not a model this converter knows"
 
 
+def _default_cut(pipeline: str, config: Path, note: Callable[[str], None]) -> int | None:
+  """The layers to keep of a pipeline's decoder text encoder: up to the last one `pipeline` reads, or all."""
+  d = _read_json(config)
+  layers = d.get("text_config", d).get("num_hidden_layers")
+  keep = LAST_TEXT_LAYER_READ.get(pipeline)
+  if keep is None or not isinstance(layers, int) or layers <= keep:
+    return None
+  note(f"{config.parent.name}: keeping the {keep} of {layers} layers {pipeline} reads (--text-layers overrides)")
+  return keep
+
+
 def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "float32", force: bool = False,
                      progress: bool | None = None, text_layers: int | None = None,
                      note: Callable[[str], None] | None = None) -> PipelineReport:
@@ -90,12 +104,14 @@ def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike, *, dtype: s
   if text_layers is not None and not decoders:
     raise CheckpointError(f"--text-layers applies to Qwen3 / Mistral text encoders; {root} has none")
   report = PipelineReport(str(index.get("_class_name", "unknown")), {}, [], {})
+  cuts = {n: text_layers if text_layers is not None else _default_cut(report.pipeline, root / n / "config.json", note)
+          for n in decoders}
   with atomic_output(out, force=force, directory=True) as tmp:
     for name, (role, why) in roles.items():
       if role == "convert":
         report.converted[name] = convert_checkpoint(
             root / name, tmp / name, dtype=dtype, progress=progress,
-            text_layers=text_layers if name in decoders else None, note=lambda line, n=name: note(f"{n}: {line}"))
+            text_layers=cuts.get(name), note=lambda line, n=name: note(f"{n}: {line}"))
       elif role == "copy":
         if name.startswith("tokenizer") or (why or "").endswith(("Tokenizer", "TokenizerFast")):
           copy_tokenizer(root / name, tmp / name)
