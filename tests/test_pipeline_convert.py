@@ -6,6 +6,7 @@ reported."""
 from __future__ import annotations
 
 import json
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -48,6 +49,8 @@ def test_every_component_converts_and_equals_torch(tmp_path, capsys):
   assert main(["convert", str(root), str(out)]) == 0
   printed = capsys.readouterr().out
   assert "Flux2KleinPipeline" in printed and "image_encoder" in printed and "SiglipVisionModel" in printed
+  for part in ("transformer", "vae", "text_encoder"):   # progress off a terminal: plain lines, one at the end
+    assert re.search(rf"^convert {part}: 100% .* tensors=(\d+)/\1$", printed, re.M), printed
 
   parts = pipeline_components(out)
   assert set(parts) == {"transformer", "vae", "text_encoder"}
