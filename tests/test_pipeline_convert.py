@@ -6,6 +6,7 @@ reported."""
 from __future__ import annotations
 
 import json
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -48,6 +49,8 @@ def test_every_component_converts_and_equals_torch(tmp_path, capsys):
   assert main(["convert", str(root), str(out)]) == 0
   printed = capsys.readouterr().out
   assert "Flux2KleinPipeline" in printed and "image_encoder" in printed and "SiglipVisionModel" in printed
+  for part in ("transformer", "vae", "text_encoder"):   # progress off a terminal: plain lines, one at the end
+    assert re.search(rf"^convert {part}: 100% .* tensors=(\d+)/\1$", printed, re.M), printed
 
   parts = pipeline_components(out)
   assert set(parts) == {"transformer", "vae", "text_encoder"}
@@ -109,3 +112,31 @@ def test_pipeline_errors(tmp_path):
   with pytest.raises(CheckpointError, match="not a converted pipeline"):
     pipeline_components(root)
   assert not (tmp_path / "out").exists()
+
+
+def test_flux1_pipeline_with_clip_and_t5(tmp_path):
+  root, out = tmp_path / "pipe", tmp_path / "out"
+  torch_model("flux1-kontext").save_pretrained(str(root / "transformer"))
+  torch_vae("flux1").save_pretrained(str(root / "vae"))
+  for encoder, name in (("text_encoder", "clip-legacy-eos"), ("text_encoder_2", "t5-v1_1")):
+    text_ref.torch_model(name).save_pretrained(str(root / encoder))
+    save_tokenizer(root / encoder.replace("text_encoder", "tokenizer"))
+  (root / "model_index.json").write_text(json.dumps({
+      "_class_name": "FluxKontextPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"],
+      "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+      "text_encoder_2": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+      "tokenizer_2": ["transformers", "T5TokenizerFast"], "image_encoder": [None, None]}))
+  report = convert_pipeline(root, out)
+  assert report.pipeline == "FluxKontextPipeline" and sorted(report.copied) == ["tokenizer", "tokenizer_2"]
+  kinds = json.loads((out / "pipeline.json").read_text())["components"]
+  assert kinds == {"transformer": "transformer", "vae": "vae", "text_encoder": "clip", "text_encoder_2": "t5"}
+  assert (out / "text_encoder_2" / "tokenizer" / "tokenizer.json").is_file()
+  with pytest.raises(CheckpointError, match="several text encoder component"):
+    load_text_encoder(out)
+  ids, mask = text_ref.prompts((9, 5), 9, seed=4)
+  with torch.no_grad():
+    want = text_ref.torch_model("t5-v1_1")(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+  got = load_text_encoder(pipeline_components(out)["text_encoder_2"])(jnp.asarray(ids), jnp.asarray(mask))
+  assert text_ref.rel_err(got, want.last_hidden_state.numpy()) <= 1e-5
+  assert model_params(load_model(out)).keys() == params_from_state_dict(
+      ref.config_of(torch_model("flux1-kontext")), ref.state_dict(torch_model("flux1-kontext"))).keys()

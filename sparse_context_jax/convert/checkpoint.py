@@ -9,7 +9,9 @@ written and read layer by layer.
                       {"img_in": {"kernel": a}, "double_blocks": {"0": {"img_attn": {"qkv": {"kernel": a}}}}, ...}
 
 Stacked parameters are written one layer at a time (orbax partial saves: each adds a few leaves to the same
-checkpoint), so the writer never holds more than one layer; `load` restores one layer at a time straight
+checkpoint, uncompressed, in a background thread), so the writer holds a bounded number of layers (1 GiB of
+parameters in flight by default); a converted pipeline folder (`pipeline_index`) holds one such folder per
+component, and the loaders below pick theirs. `load` restores one layer at a time straight
 into its sharding and copies it into a preallocated stacked buffer in place, so neither a host nor a device ever
 holds more than its share of the model plus one layer. Where each parameter lives is decided by the logical-axis
 rules of `parallel/rules.py`, the same rules training uses, so a loaded model is already in its train sharding

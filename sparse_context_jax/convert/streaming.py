@@ -3,7 +3,9 @@ read and written as they go.
 
 A group is every rule of the unstacked variables (embedders, shared modulations, final layer; a whole VAE), or
 every rule of one layer of one block stack. Converting a group reads only its torch tensors, so host memory holds
-about one layer (the largest: a FLUX.2-dev single block, ~1 GB in bfloat16) whatever the checkpoint size.
+a few layers (the read buffer, the group being converted, those being written: at most 1 GiB; the largest group,
+a FLUX.2-dev single block, is ~1 GB in bfloat16) whatever the checkpoint size. A group is converted while the
+previous ones are written.
 """
 
 from __future__ import annotations
