@@ -80,10 +80,15 @@ def fits(plan, topology) -> bool:
 def write_json(path: str, plans, topology, config) -> None:
   import dataclasses
   import json
+
+  from sparse_context_jax.parallel.mesh import mesh_shape
   rows = [{**{k: v for k, v in dataclasses.asdict(p).items() if k != "param_specs"}, "total_bytes": p.total_bytes, "fits": fits(p, topology)} for p in plans]
   with open(path, "w") as f:
     json.dump({"topology": topology.name, "accelerator_type": topology.accelerator_type, "chips": topology.chips,
-               "hbm_bytes": topology.chip.hbm_bytes, "mesh": list(config.mesh), "rungs": rows}, f, indent=1)
+               "hbm_bytes": topology.chip.hbm_bytes, "mesh": list(mesh_shape(config.mesh, topology.chips)), "preset": config.model.preset,
+               "batch_size": config.train.batch_size, "resolution": config.data.resolution,
+               "max_refs": config.data.max_refs, "txt_len": config.data.txt_len,
+               "attention_impl": config.model.attention_impl, "remat": config.model.remat, "rungs": rows}, f, indent=1)
 
 
 def run(args) -> int:
