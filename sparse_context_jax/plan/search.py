@@ -75,7 +75,7 @@ def search(config, topology: Topology, *, fits_wanted: int = 1, max_compiles: in
     c.plan = plan_rung(run_config.apply_overrides(config.copy_and_resolve_references(), overrides), topology,
                        devices, ratio)
     compiled += 1
-    fitting += int(not c.plan.error and c.plan.total_bytes <= topology.chip.hbm_bytes)
+    fitting += int(not c.plan.error and c.plan.total_bytes <= topology.chip.usable_bytes)
     if on_candidate is not None:
       on_candidate(c)
   return rows
