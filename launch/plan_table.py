@@ -19,15 +19,15 @@ def row(path: str) -> str:
   mem = gib(worst["total_bytes"]) + (" (compiler OOM)" if worst["error"] else "")
   usable = gib(d.get("usable_bytes", d["hbm_bytes"]))
   return (f"| {d.get('preset', '?')} | {d.get('max_refs', '?')} | {d['accelerator_type']} | {d.get('batch_size', '?')} "
-          f"| {d.get('attention_impl') or 'default'} | {tuple(d['mesh'])} | {mem} / {usable} "
+          f"| {d.get('attention_impl') or 'default'} | {d.get('remat', '?')} | {tuple(d['mesh'])} | {mem} / {usable} "
           f"| {'yes' if worst['fits'] else 'no'} | {worst['flops'] / 1e15:.1f} | {step} | {mfu} "
           f"| {worst['compile_seconds']:.0f} |")
 
 
 def main(paths: list[str]) -> int:
-  print("| model | refs | slice | batch | attention | mesh (d, f, t) | GiB/chip (of usable HBM) | fits | PFLOP/step "
+  print("| model | refs | slice | batch | attention | remat | mesh (d, f, t) | GiB/chip (of usable HBM) | fits | PFLOP/step "
         "| est. step s | est. MFU | compile s |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for p in paths:
     print(row(p))
   return 0
