@@ -4,7 +4,7 @@ topology, ranked by the roofline step time (`estimate.py`), the fastest compiled
 The estimate needs no compile: XLA's FLOP count depends on the remat policy only (one lowering each) and the
 collectives on the mesh. Memory does need one, so candidates are compiled in rank order (scan before unrolled at
 equal estimates: it compiles faster) until `fits_wanted` fit, skipping those a compiled one shows cannot fit (the
-same remat and layers on a mesh with no more tensor parallelism); the rest keep their estimate and no memory.
+same remat and layers with too little tensor parallelism for the memory it lacked); the rest keep their estimate and no memory.
 """
 
 from __future__ import annotations
@@ -72,9 +72,10 @@ def search(config, topology: Topology, *, fits_wanted: int = 1, max_compiles: in
   for c in rows:
     if fitting >= fits_wanted or compiled >= max_compiles:
       break
-    # A policy that ran out of memory on a mesh runs out on every mesh that splits the model less (per-chip
-    # activations shrink only with the tensor axis at a fixed per-chip batch): not compiled, left unknown.
-    if any(c.remat == r and c.scan == s and c.mesh[2] <= t for r, s, t in too_big):
+    # A policy that needed k times the chip's memory on a mesh with tensor axis t runs out on every mesh whose
+    # tensor axis is under k t (at a fixed per-chip batch, per-chip activations shrink at most linearly with the
+    # tensor axis): not compiled, left unknown.
+    if any(c.remat == r and c.scan == s and c.mesh[2] < t for r, s, t in too_big):
       continue
     overrides = [f"mesh={c.mesh}", f"model.remat={c.remat}", f"model.scan_layers={c.scan}"]
     c.plan = plan_rung(run_config.apply_overrides(config.copy_and_resolve_references(), overrides), topology,
@@ -83,7 +84,8 @@ def search(config, topology: Topology, *, fits_wanted: int = 1, max_compiles: in
     fits = not c.plan.error and c.plan.total_bytes <= topology.chip.usable_bytes
     fitting += int(fits)
     if not fits:
-      too_big.append((c.remat, c.scan, c.mesh[2]))
+      k = max(1.0, c.plan.total_bytes / topology.chip.usable_bytes)
+      too_big.append((c.remat, c.scan, c.mesh[2] * k * (1 + 1e-9)))
     if on_candidate is not None:
       on_candidate(c)
   return rows
