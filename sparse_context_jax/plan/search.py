@@ -4,7 +4,8 @@ topology, ranked by the roofline step time (`estimate.py`), the fastest compiled
 The estimate needs no compile: XLA's FLOP count depends on the remat policy only (one lowering each) and the
 collectives on the mesh. Memory does need one, so candidates are compiled in rank order (scan before unrolled at
 equal estimates: it compiles faster) until `fits_wanted` fit, skipping those a compiled one shows cannot fit (the
-same remat and layers with too little tensor parallelism for the memory it lacked); the rest keep their estimate and no memory.
+same remat and layers with too little tensor parallelism for the memory it lacked); the rest keep their estimate
+and no memory.
 """
 
 from __future__ import annotations
