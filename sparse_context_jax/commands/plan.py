@@ -56,13 +56,14 @@ def gib(n: float) -> str:
 
 def table(plans, topology) -> str:
   """One row per rung; bytes in GiB, or MiB when the largest total is under 1 GiB."""
-  hbm = topology.chip.hbm_bytes
+  hbm = topology.chip.usable_bytes
   unit, scale = ("GiB", 2**30) if max(p.total_bytes for p in plans) >= 2**30 else ("MiB", 2**20)
   b = lambda n: f"{n / scale:.2f}"
   head = (f"{'keep':>6} {'seq':>6} {'params':>7} {'opt':>7} {'batch':>6} {'args':>7} {'out':>7} {'temp':>7} "
           f"{'total':>7} {'of HBM':>6} {'TFLOP/step':>10} {'step s':>8} {'MFU':>5} {'compile s':>9}  fits")
-  rows = [f"per chip, {unit} (HBM {gib(hbm)} GiB per {topology.chip.name} chip); FLOPs of the whole step on all "
-          "chips; step time and MFU: roofline estimates", head, "-" * len(head)]
+  rows = [f"per chip, {unit} (HBM {gib(topology.chip.hbm_bytes)} GiB per {topology.chip.name} chip, {gib(hbm)} "
+          "usable); FLOPs of the whole step on all chips; step time and MFU: roofline estimates", head,
+          "-" * len(head)]
   for p in plans:
     e = p.estimate
     rows.append(f"{p.ratio:>6.4g} {p.seq:>6} {b(p.params_bytes):>7} {b(p.opt_bytes):>7} {b(p.batch_bytes):>6} "
@@ -74,16 +75,24 @@ def table(plans, topology) -> str:
 
 
 def fits(plan, topology) -> bool:
-  return not plan.error and plan.total_bytes <= topology.chip.hbm_bytes
+  """Within the HBM the compiler lets a program use (a little under the published size)."""
+  return not plan.error and plan.total_bytes <= topology.chip.usable_bytes
 
 
 def write_json(path: str, plans, topology, config) -> None:
   import dataclasses
   import json
-  rows = [{**{k: v for k, v in dataclasses.asdict(p).items() if k != "param_specs"}, "total_bytes": p.total_bytes, "fits": fits(p, topology)} for p in plans]
+
+  from sparse_context_jax.parallel.mesh import mesh_shape
+  rows = [{**{k: v for k, v in dataclasses.asdict(p).items() if k != "param_specs"}, "total_bytes": p.total_bytes,
+           "fits": fits(p, topology)} for p in plans]
   with open(path, "w") as f:
     json.dump({"topology": topology.name, "accelerator_type": topology.accelerator_type, "chips": topology.chips,
-               "hbm_bytes": topology.chip.hbm_bytes, "mesh": list(config.mesh), "rungs": rows}, f, indent=1)
+               "hbm_bytes": topology.chip.hbm_bytes, "usable_bytes": topology.chip.usable_bytes,
+               "mesh": list(mesh_shape(config.mesh, topology.chips)), "preset": config.model.preset,
+               "batch_size": config.train.batch_size, "resolution": config.data.resolution,
+               "max_refs": config.data.max_refs, "txt_len": config.data.txt_len,
+               "attention_impl": config.model.attention_impl, "remat": config.model.remat, "rungs": rows}, f, indent=1)
 
 
 def run(args) -> int:
@@ -110,7 +119,8 @@ def run(args) -> int:
   if args.rung:
     bad = [r for r in args.rung if r not in ratios]
     if bad:
-      raise UserError(f"--rung {bad[0]:g}: not a rung this config draws (it draws {', '.join(f'{r:g}' for r in ratios)})")
+      drawn = ", ".join(f"{r:g}" for r in ratios)
+      raise UserError(f"--rung {bad[0]:g}: not a rung this config draws (it draws {drawn})")
     ratios = tuple(sorted(set(args.rung)))
   try:
     topology.devices()
@@ -130,7 +140,7 @@ def run(args) -> int:
     if p.error:
       print(f"keep {p.ratio:g}: the compiler ran out of memory: {p.error}")
   verdict = "fits" if fits(worst, topology) else "does NOT fit"
-  print(f"worst rung: keep {worst.ratio:g}, {gib(worst.total_bytes)} GiB of {gib(topology.chip.hbm_bytes)} GiB per "
+  print(f"worst rung: keep {worst.ratio:g}, {gib(worst.total_bytes)} GiB of {gib(topology.chip.usable_bytes)} GiB per "
         f"chip: {verdict}")
   return 0 if all(fits(p, topology) for p in plans) else EXIT_DOES_NOT_FIT
 
@@ -149,7 +159,8 @@ def run_generate(args, topology) -> int:
   if args.refs < 0 or args.txt_len <= 0 or (args.batch is not None and args.batch <= 0):
     raise UserError("--refs must be >= 0, --txt-len and --batch > 0")
   if args.keep not in BucketLadder().ratios:
-    raise UserError(f"--keep {args.keep:g}: expected a ladder rung ({', '.join(f'{r:g}' for r in BucketLadder().ratios)})")
+    rungs = ", ".join(f"{r:g}" for r in BucketLadder().ratios)
+    raise UserError(f"--keep {args.keep:g}: expected a ladder rung ({rungs})")
   print(f"generate {args.preset} on {topology.name} ({topology.accelerator_type}, {topology.chips} chips): "
         f"{args.resolution}^2, {args.refs} references at keep {args.keep:g}, {args.txt_len} text tokens, {args.dtype}, "
         "weights replicated, batch over the chips", flush=True)
@@ -157,14 +168,14 @@ def run_generate(args, topology) -> int:
             txt_len=args.txt_len, attention=args.attention)
   limit = args.batch or 256
   show = lambda p: print(f"  batch {p.batch_per_chip:>4}/chip: args {gib(p.argument_bytes)} GiB, temp "
-                         f"{gib(p.temp_bytes)} GiB, total {gib(p.total_bytes)} GiB of {gib(topology.chip.hbm_bytes)}"
+                         f"{gib(p.temp_bytes)} GiB, total {gib(p.total_bytes)} GiB of {gib(topology.chip.usable_bytes)}"
                          f"{' (compiler: out of memory)' if p.error else ''}, compiled in {p.compile_seconds:.0f} s",
                          flush=True)
   if args.batch:
     from sparse_context_jax.plan.generate import plan_sampler
     plan = plan_sampler(cfg, topology, topology.devices(), batch_per_chip=args.batch, **kw)
     show(plan)
-    ok = not plan.error and plan.total_bytes <= topology.chip.hbm_bytes
+    ok = not plan.error and plan.total_bytes <= topology.chip.usable_bytes
     print(f"batch {args.batch} per chip: {'fits' if ok else 'does NOT fit'}")
     return 0 if ok else EXIT_DOES_NOT_FIT
   best, _ = largest_batch(cfg, topology, limit=limit, on_plan=show, **kw)
@@ -177,7 +188,7 @@ def run_search(args, config, topology) -> int:
   from sparse_context_jax.plan.search import plot, search
   print(f"search {args.config} on {topology.name} ({topology.accelerator_type}): batch {config.train.batch_size}, "
         f"the rung with the most tokens; compiling the fastest until {args.fits} fit(s)", flush=True)
-  hbm = topology.chip.hbm_bytes
+  hbm = topology.chip.usable_bytes
   rows = search(config, topology, fits_wanted=args.fits, max_compiles=args.max_compiles, on_candidate=lambda c: print(
       f"  compiled {c.mesh} {c.remat} {'scan' if c.scan else 'unrolled'}: {gib(c.plan.total_bytes)} GiB"
       f"{' (out of memory)' if c.plan.error else ''}", file=sys.stderr, flush=True))

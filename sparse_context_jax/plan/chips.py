@@ -17,10 +17,12 @@ GiB = 2**30
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-  """Published per-chip numbers: HBM, bf16 peak, HBM and inter-chip (ICI, bidirectional) bandwidth."""
+  """Published per-chip numbers (HBM, bf16 peak, HBM and inter-chip (ICI, bidirectional) bandwidth) and the HBM the
+  compiler lets a program use (`usable_bytes`, from its out-of-memory messages with libtpu 0.0.42)."""
 
   name: str
   hbm_bytes: int
+  usable_bytes: int
   peak_bf16_flops: float
   hbm_bytes_per_s: float
   ici_bytes_per_s: float
@@ -30,10 +32,10 @@ class Chip:
 
 
 CHIPS: dict[str, Chip] = {
-    "v4": Chip("v4", 32 * GiB, 275e12, 1200e9, 300e9, 3, 2),
-    "v5e": Chip("v5e", 16 * GiB, 197e12, 819e9, 400e9, 2, 1, ("v5litepod",)),
-    "v5p": Chip("v5p", 95 * GiB, 459e12, 2765e9, 600e9, 3, 2),
-    "v6e": Chip("v6e", 32 * GiB, 918e12, 1640e9, 800e9, 2, 1),
+    "v4": Chip("v4", 32 * GiB, int(30.75 * GiB), 275e12, 1200e9, 300e9, 3, 2),
+    "v5e": Chip("v5e", 16 * GiB, int(15.75 * GiB), 197e12, 819e9, 400e9, 2, 1, ("v5litepod",)),
+    "v5p": Chip("v5p", 95 * GiB, int(95.74 * GiB), 459e12, 2765e9, 600e9, 3, 2),
+    "v6e": Chip("v6e", 32 * GiB, int(31.25 * GiB), 918e12, 1640e9, 800e9, 2, 1),
 }
 EXAMPLES = "v5e:2x2, v5e-4, v5p:2x2x2, v5p-128, v4:2x2x1, v6e-64"
 

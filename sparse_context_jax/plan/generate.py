@@ -89,7 +89,7 @@ def largest_batch(cfg: MMDiTConfig, topology: Topology, *, limit: int = 256, on_
     plans.append(plan)
     if on_plan is not None:
       on_plan(plan)
-    if plan.error or plan.total_bytes > topology.chip.hbm_bytes:
+    if plan.error or plan.total_bytes > topology.chip.usable_bytes:
       break
     best, b = b, 2 * b
   return best, plans

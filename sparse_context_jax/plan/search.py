@@ -3,7 +3,8 @@ topology, ranked by the roofline step time (`estimate.py`), the fastest compiled
 
 The estimate needs no compile: XLA's FLOP count depends on the remat policy only (one lowering each) and the
 collectives on the mesh. Memory does need one, so candidates are compiled in rank order (scan before unrolled at
-equal estimates: it compiles faster) until `fits_wanted` fit; the rest keep their estimate and no memory.
+equal estimates: it compiles faster) until `fits_wanted` fit, skipping those a compiled one shows cannot fit (the
+same remat and layers with no less data and tensor parallelism); the rest keep their estimate and no memory.
 """
 
 from __future__ import annotations
@@ -66,16 +67,24 @@ def search(config, topology: Topology, *, fits_wanted: int = 1, max_compiles: in
       c = run_config.apply_overrides(config.copy_and_resolve_references(), [f"mesh={mesh}", f"model.remat={remat}"])
       e = estimate(c, cfg, topology, mesh, flops[remat], model_flops, seq)
       rows += [Candidate(mesh, remat, scan, e) for scan in (True, False)]
-  rows.sort(key=lambda c: (c.estimate.step_seconds, not c.scan, c.mesh[2], c.mesh[0]))
-  devices, fitting, compiled = topology.devices(), 0, 0
+  rows.sort(key=lambda c: (c.estimate.step_seconds, not c.scan, c.mesh[2], c.mesh[0]))   # ties: pure FSDP first
+  devices, fitting, compiled, too_big = topology.devices(), 0, 0, []
   for c in rows:
     if fitting >= fits_wanted or compiled >= max_compiles:
       break
+    # A remat policy and layer mode that ran out of memory on a mesh run out on every mesh with no less data
+    # parallelism (replicated parameters) and no less tensor parallelism (at a fixed global batch, more examples
+    # per chip): not compiled, left unknown. Pure FSDP, ranked first at equal estimates, rules out the most.
+    if any(c.remat == r and c.scan == s and c.mesh[0] >= d and c.mesh[2] >= t for r, s, d, t in too_big):
+      continue
     overrides = [f"mesh={c.mesh}", f"model.remat={c.remat}", f"model.scan_layers={c.scan}"]
     c.plan = plan_rung(run_config.apply_overrides(config.copy_and_resolve_references(), overrides), topology,
                        devices, ratio)
     compiled += 1
-    fitting += int(not c.plan.error and c.plan.total_bytes <= topology.chip.hbm_bytes)
+    fits = not c.plan.error and c.plan.total_bytes <= topology.chip.usable_bytes
+    fitting += int(fits)
+    if not fits:
+      too_big.append((c.remat, c.scan, c.mesh[0], c.mesh[2]))
     if on_candidate is not None:
       on_candidate(c)
   return rows
