@@ -25,13 +25,14 @@ from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from sparse_context_jax.model import MMDiT, preset  # noqa: E402
+from sparse_context_jax.model import MMDiT  # noqa: E402
 from sparse_context_jax.model.jitted import flops  # noqa: E402
 from sparse_context_jax.model.positions import TOKEN_PIXELS, image_ids, text_ids  # noqa: E402
 from sparse_context_jax.model.reference_kv import cache_bytes  # noqa: E402
 from sparse_context_jax.programs import ModuleProgram  # noqa: E402
 from sparse_context_jax.sparse import Reference, SparsePacker, SparseRequest, dense_inputs  # noqa: E402
 from sparse_context_jax.sparse.compare import interleaved_medians  # noqa: E402
+from bench_sparse import build_model  # noqa: E402  (launch/, this script's folder)
 
 
 def parse_args(argv=None):
@@ -77,14 +78,8 @@ class Calls:
 
 
 def build(args):
-  if args.preset == "medium":
-    cfg = preset("flux2-klein-9b-kv").replace(num_heads=args.hidden // 128, depth_double=args.depth[0],
-                                              depth_single=args.depth[1], context_dim=3 * args.hidden)
-  else:
-    cfg = preset(args.preset)
-  make = lambda: MMDiT(cfg, rngs=nnx.Rngs(0), dtype=jnp.dtype(args.dtype), param_dtype=jnp.dtype(args.param_dtype),
-                       attention_impl=args.attention)
-  return cfg, Calls(nnx.eval_shape(make) if args.flops_only else make())
+  cfg, model = build_model(args, "flux2-klein-9b-kv")
+  return cfg, Calls(model)
 
 
 MODES = ("dense", "sparse", "extract", "cached", "sparse extract", "sparse cached", "limit")

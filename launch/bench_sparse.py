@@ -61,15 +61,21 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def build(args):
+def build_model(args, base: str = "flux2-klein-9b"):
+  """(config, model) of --preset: "medium" is `base` at --hidden and --depth; abstract with --flops-only."""
   if args.preset == "medium":
-    cfg = preset("flux2-klein-9b").replace(num_heads=args.hidden // 128, depth_double=args.depth[0],
-                                           depth_single=args.depth[1], context_dim=3 * args.hidden)
+    cfg = preset(base).replace(num_heads=args.hidden // 128, depth_double=args.depth[0],
+                               depth_single=args.depth[1], context_dim=3 * args.hidden)
   else:
     cfg = preset(args.preset)
   make = lambda: MMDiT(cfg, rngs=nnx.Rngs(0), dtype=jnp.dtype(args.dtype), param_dtype=jnp.dtype(args.param_dtype),
                        attention_impl=args.attention)
-  return cfg, JittedMMDiT(nnx.eval_shape(make) if args.flops_only else make())
+  return cfg, nnx.eval_shape(make) if args.flops_only else make()
+
+
+def build(args):
+  cfg, model = build_model(args)
+  return cfg, JittedMMDiT(model)
 
 
 def run(args) -> list[dict]:

@@ -98,18 +98,21 @@ def test_denoising_loop_equals_diffusers(name, steps, cfg_scale):
   assert err <= 1e-4
 
 
+def _two_references():
+  """A two-reference FLUX.2 model with its packer, and a batch of 2: noise (2, 16 tokens), two references, text."""
+  model = jax_model("flux2-klein-2ref")
+  cfg = model.config
+  rng = np.random.default_rng(0)
+  n = 16
+  noise = jnp.asarray(rng.standard_normal((2, n, cfg.in_channels)).astype(np.float32))
+  refs = [Reference(rng.standard_normal((2, 16, cfg.in_channels)).astype(np.float32), (64, 64)) for _ in range(2)]
+  return model, cfg, (64, 64), n, noise, refs, ref.make_inputs(cfg, batch=2, txt_len=5), SparsePacker(cfg)
+
+
 def test_sparse_references_in_the_loop():
   """Keep 1 through the packer equals the dense loop exactly; a sparse loop runs in the same compiled program
   shape family and stays finite."""
-  name = "flux2-klein-2ref"
-  model = jax_model(name)
-  cfg = model.config
-  rng = np.random.default_rng(0)
-  size, n = (64, 64), 16
-  noise = jnp.asarray(rng.standard_normal((2, n, cfg.in_channels)).astype(np.float32))
-  refs = [Reference(rng.standard_normal((2, 16, cfg.in_channels)).astype(np.float32), (64, 64)) for _ in range(2)]
-  txt = ref.make_inputs(cfg, batch=2, txt_len=5)
-  packer = SparsePacker(cfg)
+  model, cfg, size, n, noise, refs, txt, packer = _two_references()
   sample = ModuleProgram(model, denoise, "sample")
   s = jnp.asarray(schedule_for(cfg, n, 3))
 
@@ -167,15 +170,7 @@ def test_kv_loop_equals_diffusers_klein_kv(steps):
 def test_sparse_references_in_the_kv_loop():
   """Keep 1 through the packer (the padded path) equals the dense KV loop bit for bit; a sparse bucket's loop equals
   the loop on its kept tokens alone; budgets of one rung share one compiled program."""
-  name = "flux2-klein-2ref"
-  model = jax_model(name)
-  cfg = model.config
-  rng = np.random.default_rng(0)
-  size, n = (64, 64), 16
-  noise = jnp.asarray(rng.standard_normal((2, n, cfg.in_channels)).astype(np.float32))
-  refs = [Reference(rng.standard_normal((2, 16, cfg.in_channels)).astype(np.float32), (64, 64)) for _ in range(2)]
-  txt = ref.make_inputs(cfg, batch=2, txt_len=5)
-  packer = SparsePacker(cfg)
+  model, cfg, size, n, noise, refs, txt, packer = _two_references()
   sample, unpadded = ModuleProgram(model, denoise, "sample"), ModuleProgram(model, denoise, "unpadded")
   s = jnp.asarray(schedule_for(cfg, n, 3))
   cond = lambda refs, ids, lengths=None: Conditioning(refs=refs, img_ids=ids, img_lengths=lengths,

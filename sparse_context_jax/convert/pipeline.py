@@ -17,6 +17,7 @@ from pathlib import Path
 from sparse_context_jax.convert.kinds import kind_of
 from sparse_context_jax.convert.output import atomic_output, check_destination
 from sparse_context_jax.convert.pipeline_index import INDEX
+from sparse_context_jax.convert.sources import read_json
 from sparse_context_jax.convert.streaming import OUTPUT_DTYPES, convert_checkpoint
 from sparse_context_jax.convert.text_detect import text_kind_of
 from sparse_context_jax.convert.tokenizer import copy_tokenizer
@@ -42,16 +43,6 @@ def is_pipeline(path: str | os.PathLike) -> bool:
   return (Path(path) / MODEL_INDEX).is_file()
 
 
-def _read_json(path: Path) -> dict:
-  try:
-    d = json.loads(path.read_text())
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise CheckpointError(f"cannot read {path}: {e}") from None
-  if not isinstance(d, dict):
-    raise CheckpointError(f"{path} is not a JSON object")
-  return d
-
-
 def _role(root: Path, name: str, entry) -> tuple[str, str]:
   """What to do with one component of model_index.json: ("convert" | "copy" | "skip", why)."""
   cls = entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
@@ -63,7 +54,7 @@ def _role(root: Path, name: str, entry) -> tuple[str, str]:
   if cls in MODEL_CLASSES:
     return "convert", cls
   config = folder / "config.json"
-  if config.is_file() and text_kind_of(_read_json(config)) is not None:
+  if config.is_file() and text_kind_of(read_json(config)) is not None:
     return "convert", cls
   if name.startswith("tokenizer") or (cls or "").endswith(("Tokenizer", "TokenizerFast")):
     return "copy", cls
@@ -74,7 +65,7 @@ def _role(root: Path, name: str, entry) -> tuple[str, str]:
 
 def _default_cut(pipeline: str, config: Path, note: Callable[[str], None]) -> int | None:
   """The layers to keep of a pipeline's decoder text encoder: up to the last one `pipeline` reads, or all."""
-  d = _read_json(config)
+  d = read_json(config)
   layers = d.get("text_config", d).get("num_hidden_layers")
   keep = LAST_TEXT_LAYER_READ.get(pipeline)
   if keep is None or not isinstance(layers, int) or layers <= keep:
@@ -93,14 +84,14 @@ def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike, *, dtype: s
     raise CheckpointError(f"dtype {dtype!r}; expected one of {sorted(OUTPUT_DTYPES)}")
   root = Path(src)
   check_destination(out, force)
-  index = _read_json(root / MODEL_INDEX)
+  index = read_json(root / MODEL_INDEX)
   components = {k: v for k, v in index.items() if not k.startswith("_")}
   roles = {name: _role(root, name, entry) for name, entry in components.items()}
   if not any(role == "convert" for role, _ in roles.values()):
     raise CheckpointError(f"{root / MODEL_INDEX} names no component this converter knows "
                           f"({', '.join(f'{n}: {why}' for n, (_, why) in roles.items()) or 'no components'})")
   decoders = [n for n, (role, _) in roles.items() if role == "convert" and (root / n / "config.json").is_file()
-              and text_kind_of(_read_json(root / n / "config.json")) == "text-decoder"]
+              and text_kind_of(read_json(root / n / "config.json")) == "text-decoder"]
   if text_layers is not None and not decoders:
     raise CheckpointError(f"--text-layers applies to Qwen3 / Mistral text encoders; {root} has none")
   report = PipelineReport(str(index.get("_class_name", "unknown")), {}, [], {})

@@ -71,7 +71,7 @@ class TensorSource:
       f.close()
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
   try:
     d = json.loads(path.read_text())
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -87,7 +87,7 @@ def _weight_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
   if len(indexes) > 1:
     raise CheckpointError(f"{folder} has several safetensors indexes: {', '.join(p.name for p in indexes)}")
   if indexes:
-    weight_map = _read_json(indexes[0]).get("weight_map")
+    weight_map = read_json(indexes[0]).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
       raise CheckpointError(f"{indexes[0]} has no weight_map")
     shards = [folder / name for name in sorted(set(weight_map.values()))]
@@ -114,7 +114,7 @@ def open_source(path: str | os.PathLike) -> TensorSource:
     if not (path / "config.json").exists() and (path / "transformer" / "config.json").exists():
       path = path / "transformer"
     if (path / "config.json").exists():
-      config = _read_json(path / "config.json")
+      config = read_json(path / "config.json")
     paths, weight_map = _weight_files(path)
   else:
     paths, weight_map = [path], None

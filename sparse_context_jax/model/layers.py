@@ -7,7 +7,7 @@ parallelism rules map to mesh axes.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -142,3 +142,20 @@ class Embed(nnx.Module):
 
   def __call__(self, ids: jax.Array) -> jax.Array:
     return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+
+def stacked(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module | None:
+  """`n` modules from `make`, their parameters stacked on a new leading layer axis (one `nnx.vmap`); None for 0.
+
+  PARTITION_NAME None: the layer axis is recorded in each parameter's metadata as unsharded, so shardings built
+  from the metadata (and the optimizer's view of it) know the axis exists and never split it.
+  """
+  if n == 0:
+    return None
+
+  @nnx.split_rngs(splits=n)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
+  def create(r):
+    return make(r)
+
+  return create(rngs)

@@ -14,7 +14,7 @@ from flax import nnx
 
 from sparse_context_jax.model.blocks import DoubleBlock, SingleBlock, resolve_attention
 from sparse_context_jax.model.config import MMDiTConfig
-from sparse_context_jax.model.layers import Linear, MLPEmbedder, Modulation, modulate, timestep_embedding
+from sparse_context_jax.model.layers import Linear, MLPEmbedder, Modulation, modulate, stacked, timestep_embedding
 from sparse_context_jax.model.numerics import at_least_float32
 from sparse_context_jax.model.reference_kv import KV_MODES, BlockKV, ReferenceKV
 from sparse_context_jax.model.rope import rope_angles
@@ -24,20 +24,6 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-
-
-def _stacked(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module | None:
-  if n == 0:
-    return None
-
-  # PARTITION_NAME None: the new leading layer axis is recorded in each parameter's metadata as unsharded, so
-  # shardings built from the metadata (and the optimizer's view of it) know the axis exists and never split it.
-  @nnx.split_rngs(splits=n)
-  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
-  def create(r):
-    return make(r)
-
-  return create(rngs)
 
 
 class FinalLayer(nnx.Module):
@@ -92,8 +78,8 @@ class MMDiT(nnx.Module):
     else:
       self.double_mod_img = self.double_mod_txt = self.single_mod = None
     block_kw = dict(dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
-    self.double_blocks = _stacked(lambda r: DoubleBlock(cfg, rngs=r, **block_kw), cfg.depth_double, rngs)
-    self.single_blocks = _stacked(lambda r: SingleBlock(cfg, rngs=r, **block_kw), cfg.depth_single, rngs)
+    self.double_blocks = stacked(lambda r: DoubleBlock(cfg, rngs=r, **block_kw), cfg.depth_double, rngs)
+    self.single_blocks = stacked(lambda r: SingleBlock(cfg, rngs=r, **block_kw), cfg.depth_single, rngs)
     self.final_layer = FinalLayer(cfg, **kw)
 
   def __call__(self, img, txt, timesteps, img_ids, txt_ids, *, y=None, guidance=None, img_lengths=None,

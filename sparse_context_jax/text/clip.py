@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparse_context_jax.model.layers import Embed, LayerNorm, Linear
+from sparse_context_jax.model.layers import Embed, LayerNorm, Linear, stacked
 from sparse_context_jax.text.config import CLIPTextConfig
 from sparse_context_jax.text.layers import MLP, attention, visible_keys
-from sparse_context_jax.text.stack import run_layers, stacked
+from sparse_context_jax.text.stack import run_layers
 
 
 class CLIPTextOutput(NamedTuple):

@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparse_context_jax.model.layers import Embed, Linear, RMSNorm
+from sparse_context_jax.model.layers import Embed, Linear, RMSNorm, stacked
 from sparse_context_jax.text.config import DecoderConfig
 from sparse_context_jax.text.layers import GatedMLP, apply_rope, attention, rope_tables, visible_keys
-from sparse_context_jax.text.stack import run_layers, stacked
+from sparse_context_jax.text.stack import run_layers
 
 
 class DecoderLayer(nnx.Module):

@@ -1,4 +1,4 @@
-"""Layers created stacked along a leading axis (one `nnx.vmap`) and run in order with `jax.lax.scan` (or unrolled),
+"""Stacked layers (`model.layers.stacked`) run in order with `jax.lax.scan` (or unrolled),
 keeping the hidden states a caller asks for."""
 
 from __future__ import annotations
@@ -10,18 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-
-def stacked(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module | None:
-  """`n` layers from `make`, their parameters stacked on a leading axis that shardings never split."""
-  if n == 0:
-    return None
-
-  @nnx.split_rngs(splits=n)
-  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
-  def create(r):
-    return make(r)
-
-  return create(rngs)
 
 
 def run_layers(stack: nnx.Module | None, h: jax.Array, step: Callable[[nnx.Module, jax.Array], jax.Array], *,

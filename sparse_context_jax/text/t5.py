@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparse_context_jax.model.layers import Embed, Linear, RMSNorm
+from sparse_context_jax.model.layers import Embed, Linear, RMSNorm, stacked
 from sparse_context_jax.text.config import T5EncoderConfig
 from sparse_context_jax.text.layers import MLP, GatedMLP, attention, visible_keys
-from sparse_context_jax.text.stack import run_layers, stacked
+from sparse_context_jax.text.stack import run_layers
 
 
 def relative_position_buckets(length: int, num_buckets: int, max_distance: int) -> np.ndarray:
