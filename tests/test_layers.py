@@ -8,8 +8,8 @@ import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "sparse_context_jax"
 # Lowest first. A module may import from its own part and from parts before it.
-LAYERS = ["errors", "progress", "programs", "parallel", "model", "text", "images", "sparse", "convert", "encoders",
-          "sampling", "data", "generate", "train", "cli", "commands", "__init__", "__main__"]
+LAYERS = ["errors", "progress", "compile_cache", "programs", "parallel", "model", "text", "images", "sparse", "convert", "encoders",
+          "sampling", "data", "generate", "train", "plan", "cli", "commands", "__init__", "__main__"]
 
 
 def _part(module: str) -> str:

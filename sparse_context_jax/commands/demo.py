@@ -80,7 +80,7 @@ def procedural_image(rng: np.random.Generator, size: int) -> np.ndarray:
 
 def run(args) -> int:
   _check(args)
-  from sparse_context_jax import compile_cache
+  import sparse_context_jax.compile_cache as compile_cache
   compile_cache.enable()
   if not args.skip_presets:
     print("Released FLUX architectures (built abstractly with jax.eval_shape; no weights allocated):")

@@ -132,7 +132,7 @@ def _prompt_encoder(args, cfg: MMDiTConfig):
 
 
 def run(args) -> int:
-  from sparse_context_jax import compile_cache
+  import sparse_context_jax.compile_cache as compile_cache
   compile_cache.enable()
   for name in ("batch_size", "text_batch_size", "max_sequence_length"):
     if getattr(args, name) <= 0:

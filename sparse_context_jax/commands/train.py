@@ -51,7 +51,7 @@ def initialize_distributed(args) -> None:
 def run(args) -> int:
   import jax
 
-  from sparse_context_jax import compile_cache
+  import sparse_context_jax.compile_cache as compile_cache
   compile_cache.enable()
 
   from sparse_context_jax.errors import CheckpointError

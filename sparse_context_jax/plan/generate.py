@@ -23,6 +23,7 @@ from sparse_context_jax.model.mmdit import MMDiT
 from sparse_context_jax.model.positions import token_grid
 from sparse_context_jax.plan.chips import Topology
 from sparse_context_jax.plan.train import _OOM, _oom_bytes
+from sparse_context_jax.programs import ModuleProgram
 from sparse_context_jax.sparse import BucketLadder
 
 
@@ -50,8 +51,8 @@ def plan_sampler(cfg: MMDiTConfig, topology: Topology, devices, *, batch_per_chi
   data, replicated = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
   impl = resolve_attention(attention, dtype, "tpu")
   model = nnx.eval_shape(lambda: MMDiT(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype, attention_impl=impl))
-  graphdef, state = nnx.split(model)
-  state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
+  program = ModuleProgram(model, in_mesh(mesh, _generate), "sample")   # the generator's own sampler
+  state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), program.state)
   grid = token_grid((resolution, resolution))
   rung = BucketLadder().at(keep, (grid,) * refs)
   B, N, M = batch_per_chip * len(devices), grid[0] * grid[1], grid[0] * grid[1]
@@ -64,10 +65,9 @@ def plan_sampler(cfg: MMDiTConfig, topology: Topology, devices, *, batch_per_chi
   guidance = spec((B,)) if cfg.guidance_embed else None
   args = (spec((B, N, cfg.in_channels)), spec((steps + 1,), sh=replicated), latents, scores,
           spec((B, refs), jnp.int32), prompt, negative, guidance, spec((), sh=replicated) if cfg_scale else None)
-  fn = in_mesh(mesh, lambda state, *a: _generate(nnx.merge(graphdef, state), *a, rung=rung, target_grid=grid))
   tic = time.perf_counter()
   try:
-    compiled = jax.jit(fn).lower(state, *args).compile()
+    compiled = program.programs.jit(state, *args, rung=rung, target_grid=grid).lower(state, *args).compile()
   except Exception as e:   # noqa: BLE001 - only the compiler's out-of-memory is an answer
     if not _OOM.search(str(e)):
       raise
