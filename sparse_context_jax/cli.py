@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -49,6 +50,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
+  # transformers (tokenizers only) advises on import that PyTorch is missing: expected, torch is never a dependency.
+  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
   parser = _Parser(prog="sparse_context_jax", description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
   for name, (module, help_text) in COMMANDS.items():

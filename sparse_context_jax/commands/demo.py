@@ -178,7 +178,8 @@ def _generation(args, model: JittedMMDiT, cfg) -> None:
   out.mkdir(parents=True, exist_ok=True)
   keep = args.keep or 0.25
   print(f"\nBatch generation: {args.images} synthetic-world composition jobs with {args.refs} reference(s) of "
-        f"{args.size}x{args.size}, 4 steps, batches of 2, a small random VAE; PNGs in {out}/")
+        f"{args.size}x{args.size}, 4 steps, batches of 2, a small random VAE, text prompts (their captions) through "
+        f"{text_encoder.name}; PNGs in {out}/")
   print(f"{'references':<28} {'kept tokens (first job)':>24} {'images/s':>9} {'speedup':>8}")
   with tempfile.TemporaryDirectory() as tmp:   # the jobs files and their inputs; the PNGs go to --out
     jobs_dir = Path(tmp)
