@@ -27,12 +27,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from sparse_context_jax.model import MMDiT  # noqa: E402
 from sparse_context_jax.model.jitted import flops  # noqa: E402
-from sparse_context_jax.model.positions import TOKEN_PIXELS, image_ids, text_ids  # noqa: E402
+from sparse_context_jax.model.positions import TOKEN_PIXELS, image_ids  # noqa: E402
 from sparse_context_jax.model.reference_kv import cache_bytes  # noqa: E402
 from sparse_context_jax.programs import ModuleProgram  # noqa: E402
 from sparse_context_jax.sparse import Reference, SparsePacker, SparseRequest, dense_inputs  # noqa: E402
 from sparse_context_jax.sparse.compare import interleaved_medians  # noqa: E402
-from bench_sparse import build_model  # noqa: E402  (launch/, this script's folder)
+from bench_sparse import build_model, text_inputs  # noqa: E402  (launch/, this script's folder)
 
 
 def parse_args(argv=None):
@@ -112,8 +112,7 @@ def run(args) -> dict:
   rng = np.random.default_rng(0)
   side, B = args.size // TOKEN_PIXELS, args.batch
   n = side * side
-  common = dict(txt=jnp.asarray(rng.standard_normal((B, args.txt, cfg.context_dim)), dtype),
-                timesteps=jnp.full((B,), 0.6, jnp.float32), txt_ids=jnp.asarray(text_ids(cfg, args.txt)))
+  common = text_inputs(cfg, args, rng, dtype)
   packer = SparsePacker(cfg, max_refs=max(args.refs))
   print(f"{args.preset}: hidden {cfg.hidden_size}, {cfg.depth_double}+{cfg.depth_single} blocks, "
         f"{sum(x.size for x in jax.tree.leaves(calls.program.state)):,} parameters, {args.dtype} compute on "

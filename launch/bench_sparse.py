@@ -73,6 +73,13 @@ def build_model(args, base: str = "flux2-klein-9b"):
   return cfg, nnx.eval_shape(make) if args.flops_only else make()
 
 
+def text_inputs(cfg, args, rng, dtype) -> dict:
+  """The text, timestep and text-id inputs every benchmarked call shares (batch --batch, --txt tokens)."""
+  B = args.batch
+  return dict(txt=jnp.asarray(rng.standard_normal((B, args.txt, cfg.context_dim)), dtype),
+              timesteps=jnp.full((B,), 0.6, jnp.float32), txt_ids=jnp.asarray(text_ids(cfg, args.txt)))
+
+
 def build(args):
   cfg, model = build_model(args)
   return cfg, JittedMMDiT(model)
@@ -85,8 +92,7 @@ def run(args) -> list[dict]:
   side, B = args.size // TOKEN_PIXELS, args.batch
   n = side * side
   latents = lambda m: jnp.asarray(rng.standard_normal((B, m, cfg.in_channels)), dtype)
-  common = dict(txt=jnp.asarray(rng.standard_normal((B, args.txt, cfg.context_dim)), dtype),
-                timesteps=jnp.full((B,), 0.6, jnp.float32), txt_ids=jnp.asarray(text_ids(cfg, args.txt)))
+  common = text_inputs(cfg, args, rng, dtype)
   packer = SparsePacker(cfg, max_refs=max(args.refs))
   print(f"{args.preset}: hidden {cfg.hidden_size}, {cfg.depth_double}+{cfg.depth_single} blocks, "
         f"{sum(x.size for x in jax.tree.leaves(model.state)):,} parameters, {args.dtype} compute on "

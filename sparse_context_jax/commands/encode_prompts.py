@@ -150,6 +150,7 @@ def run(args) -> int:
       (tmp / ("jobs.jsonl" if jobs else "prompts.jsonl")).write_text("".join(json.dumps(r) + "\n" for r in index))
   except OutputExistsError as e:
     raise UserError(str(e)) from None
-  print(f"wrote {len(rows)} embedding file(s) of {len(texts)} distinct text(s) to {args.out}; {len(bad)} bad "
+  written = sum("prompt" in row for _, row in rows)   # jobs that held embeddings already write no file
+  print(f"wrote {written} embedding file(s) of {len(texts)} distinct text(s) to {args.out}; {len(bad)} bad "
         "line(s)")
   return 1 if bad else 0
