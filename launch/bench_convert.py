@@ -1,10 +1,12 @@
 """Speed and memory benchmark of the weight converter (a script, not a test): a full-size random bfloat16
-flux2-klein-4b transformer checkpoint (diffusers layout by default, ~7.75 GB) is generated, its disk's own speeds
+checkpoint is generated (`--model flux2-klein-4b`: the transformer, diffusers layout by default, ~7.75 GB;
+`--model qwen3-4b`: a Qwen3-4B text-encoder folder as transformers writes it, ~8.04 GB), its disk's own speeds
 measured with `dd` (O_DIRECT, so the page cache neither helps nor hides the disk), then converted by this tree
 and, with --before REF, by an older commit checked out in a temporary git worktree; finally loaded onto 8 fake
 CPU devices with FSDP sharding (--load). Each step runs in its own process under `/usr/bin/time -v`.
 
-    <test venv>/bin/python launch/bench_convert.py [--dir /tmp] [--before 32856c5] [--load] [--keep]
+    <test venv>/bin/python launch/bench_convert.py [--model qwen3-4b] [--dir /tmp] [--before 32856c5]
+        [--repeats 3] [--load] [--keep]
 
 Before each conversion the checkpoint's pages are dropped from the page cache (posix_fadvise, this file only), so
 every converter reads from the disk. Needs ~2.5x the checkpoint size free under --dir; everything it writes is
@@ -25,16 +27,30 @@ import textwrap
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 GENERATE = textwrap.dedent("""
-    import sys, numpy as np, ml_dtypes
+    import json, os, sys, numpy as np, ml_dtypes
     from sparse_context_jax import preset
     from sparse_context_jax.convert import ModelSpec
+    from sparse_context_jax.convert.kinds import kind_of
     from sparse_context_jax.convert.safetensors_io import SafetensorsWriter
     from sparse_context_jax.convert.sources import BFL_PREFIX
-    layout = sys.argv[2]
-    prefix = BFL_PREFIX if layout == "bfl" else ""
-    shapes = ModelSpec(preset("flux2-klein-4b")).expected_torch_shapes(layout)
+    from sparse_context_jax.encoders.tiny_tokenizers import save_tiny_tokenizer
+    from sparse_context_jax.text import DecoderConfig
+    out, model, layout = sys.argv[1:4]
+    if model == "qwen3-4b":   # a transformers text-encoder folder: config.json, weights, tokenizer
+      cfg = DecoderConfig(architecture="Qwen3ForCausalLM", vocab_size=151936, hidden_size=2560,
+                          intermediate_size=9728, num_hidden_layers=36, num_heads=32, num_kv_heads=8, head_dim=128,
+                          rope_theta=1e6, rms_norm_eps=1e-6, qk_norm=True)
+      os.makedirs(out)
+      with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(kind_of(cfg).to_dict(cfg), f)
+      save_tiny_tokenizer("qwen3", out)
+      path, layout, prefix = os.path.join(out, "model.safetensors"), "causal-lm", ""
+    else:
+      cfg, path = preset(model), out
+      prefix = BFL_PREFIX if layout == "bfl" else ""
+    shapes = ModelSpec(cfg).expected_torch_shapes(layout)
     bf16 = np.dtype(ml_dtypes.bfloat16)
-    w = SafetensorsWriter(sys.argv[1], [(prefix + k, bf16, s) for k, s in shapes.items()], {"format": "pt"})
+    w = SafetensorsWriter(path, [(prefix + k, bf16, s) for k, s in shapes.items()], {"format": "pt"})
     # Random normal bfloat16 values: one 32 Mi-value block read at a random offset per tensor (fast, and no two
     # tensors alike), so generation is bound by disk writes.
     rng = np.random.default_rng(0)
@@ -99,29 +115,33 @@ def drop_cached(path: str) -> None:
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--dir", default=tempfile.gettempdir(), help="where the checkpoint and its conversions go")
-  parser.add_argument("--layout", choices=("diffusers", "bfl"), default="diffusers", help="of the generated file")
+  parser.add_argument("--model", choices=("flux2-klein-4b", "qwen3-4b"), default="flux2-klein-4b",
+                      help="what to generate: a transformer file or a text-encoder folder")
+  parser.add_argument("--layout", choices=("diffusers", "bfl"), default="diffusers",
+                      help="of a generated transformer file")
+  parser.add_argument("--repeats", type=int, default=1, help="conversions per tree (the page cache dropped each)")
   parser.add_argument("--before", metavar="REF", help="also convert with this git commit (e.g. 32856c5)")
   parser.add_argument("--load", action="store_true", help="also load the conversion onto 8 fake CPU devices")
   parser.add_argument("--keep", action="store_true", help="keep the generated files")
   args = parser.parse_args()
   py = sys.executable
   sys.path.insert(0, ROOT)
-  from sparse_context_jax import count_params, preset
-  need = 2.5 * 2 * count_params(preset("flux2-klein-4b"))
+  need = 2.5 * 8.1e9
   free = shutil.disk_usage(args.dir).free
   if free < need:
     sys.exit(f"{args.dir} has {free / 1e9:.1f} GB free; the benchmark needs {need / 1e9:.1f} GB")
 
   work = tempfile.mkdtemp(prefix="scj-bench-convert-", dir=args.dir)
-  src = os.path.join(work, "flux-2-klein-4b.safetensors")
+  src = os.path.join(work, args.model if args.model == "qwen3-4b" else f"{args.model}.safetensors")
+  weights = os.path.join(src, "model.safetensors") if args.model == "qwen3-4b" else src
   rows, notes = [], []
   try:
-    timed([py, "-c", GENERATE, src, args.layout])
-    size = os.path.getsize(src)
-    drop_cached(src)
-    disk_read = dd_mb_s([f"if={src}", "of=/dev/null", "bs=64M", "iflag=direct"])
+    timed([py, "-c", GENERATE, src, args.model, args.layout])
+    size = os.path.getsize(weights)
+    drop_cached(weights)
+    disk_read = dd_mb_s([f"if={weights}", "of=/dev/null", "bs=64M", "iflag=direct"])
     copy = os.path.join(work, "dd-copy")
-    disk_copy = dd_mb_s([f"if={src}", f"of={copy}", "bs=64M", "count=32", "iflag=direct", "oflag=direct"])
+    disk_copy = dd_mb_s([f"if={weights}", f"of={copy}", "bs=64M", "count=32", "iflag=direct", "oflag=direct"])
     os.remove(copy)
     imp = timed([py, "-c", IMPORT_ONLY])
     rows.append(("python + jax + package import only", *imp[:3]))
@@ -131,11 +151,14 @@ def main() -> int:
       subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", old, args.before], check=True,
                      capture_output=True)
       trees.insert(0, (f"commit {args.before}", old))
-    for name, root in trees:
+    for (name, root), repeat in ((t, r) for t in trees for r in range(args.repeats)):
       out = os.path.join(work, f"converted-{len(rows)}")
-      drop_cached(src)
+      drop_cached(weights)
       s, cpu, rss, _ = timed([py, "-m", "sparse_context_jax", "convert", src, out, "--dtype", "bfloat16"], root=root)
       rows.append((f"convert --dtype bfloat16 ({name})", s, cpu, rss))
+      if repeat:
+        shutil.rmtree(out)
+        continue
       out_size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
       notes.append(f"{name}: converted folder {out_size / 1e9:.2f} GB")
       if root == ROOT and args.load:
@@ -152,7 +175,8 @@ def main() -> int:
       shutil.rmtree(work, ignore_errors=True)
 
   gib = size / 2**30
-  print(f"flux2-klein-4b, {args.layout} layout, bfloat16: {size / 1e9:.2f} GB ({gib:.2f} GiB) checkpoint; "
+  what = "Qwen3-4B text encoder" if args.model == "qwen3-4b" else f"{args.model}, {args.layout} layout"
+  print(f"{what}, bfloat16: {size / 1e9:.2f} GB ({gib:.2f} GiB) checkpoint; "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
   print(f"disk (dd, O_DIRECT): read {disk_read:.0f} MB/s; copy (read + write, 2.1 GB) {disk_copy:.0f} MB/s")
   for n in notes:

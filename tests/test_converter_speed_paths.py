@@ -63,6 +63,9 @@ def test_reads_with_and_without_o_direct_equal_the_file(tmp_path, monkeypatch, d
   assert all(np.array_equal(first[k], tensors[k]) for k in first)
   second = source.read_group(["t0", "t2", "t4"])   # the same buffer, reused
   assert all(np.array_equal(second[k], tensors[k]) for k in second)
+  groups = [["t1", "t3"], ["t0"], ["t2", "t4"], ["t3"]]   # read ahead, alternating between two buffers
+  for names, got in zip(groups, source.read_groups(groups), strict=True):
+    assert list(got) == names and all(np.array_equal(got[k], tensors[k]) for k in names)
   source.close()
 
 

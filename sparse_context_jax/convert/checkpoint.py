@@ -9,7 +9,7 @@ written and read layer by layer.
                       {"img_in": {"kernel": a}, "double_blocks": {"0": {"img_attn": {"qkv": {"kernel": a}}}}, ...}
 
 Stacked parameters are written one layer at a time (orbax partial saves: each adds a few leaves to the same
-checkpoint, uncompressed, in a background thread), so the writer holds a bounded number of layers (1 GiB of
+checkpoint, uncompressed, in a background thread), so the writer holds a bounded number of layers (512 MiB of
 parameters in flight by default); a converted pipeline folder (`pipeline_index`) holds one such folder per
 component, and the loaders below pick theirs. `load` restores one layer at a time straight
 into its sharding and copies it into a preallocated stacked buffer in place, so neither a host nor a device ever
@@ -118,7 +118,7 @@ class CheckpointWriter:
     in_flight_bytes: how many bytes of arrays may wait to be written; `room` blocks beyond it.
   """
 
-  def __init__(self, directory: Path, cfg, *, in_flight_bytes: int = 1 << 30):
+  def __init__(self, directory: Path, cfg, *, in_flight_bytes: int = 1 << 29):
     self._params = Path(directory) / PARAMS
     self._budget = in_flight_bytes
     self._pending: list[tuple[concurrent.futures.Future, list[np.ndarray]]] = []   # oldest first

@@ -4,8 +4,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,7 @@ class TensorSource:
                config: dict | None):
     self.description, self.config = description, config
     self._files, self._where = files, where  # where: name -> (file path, key in that file)
-    self._arena: np.ndarray | None = None
+    self._arenas: list[np.ndarray | None] = [None, None]
 
   def keys(self) -> list[str]:
     return list(self._where)
@@ -51,22 +53,34 @@ class TensorSource:
     f, key = self._entry(name)
     return f.read(key)
 
-  def read_group(self, names: list[str]) -> dict[str, np.ndarray]:
-    """Several tensors, read into one buffer that the next `read_group` overwrites: use (copy) them before then.
-    Reusing the buffer keeps a streaming conversion from touching new memory for every layer."""
+  def read_group(self, names: list[str], arena: int = 0) -> dict[str, np.ndarray]:
+    """Several tensors, read into buffer number `arena` (0 or 1), which the next `read_group` into the same arena
+    overwrites: use (copy) them before then. Reusing the buffer keeps a streaming conversion from touching new
+    memory for every layer."""
     spans = [f.span(key) for f, key in map(self._entry, names)]
-    if self._arena is None or self._arena.size < sum(spans):
-      self._arena = None
-      self._arena = np.empty(sum(spans), np.uint8)
+    if self._arenas[arena] is None or self._arenas[arena].size < sum(spans):
+      self._arenas[arena] = None
+      self._arenas[arena] = np.empty(sum(spans), np.uint8)
     out, at = {}, 0
     for name, span in zip(names, spans):
       f, key = self._entry(name)
-      out[name] = f.read(key, self._arena[at:at + span])
+      out[name] = f.read(key, self._arenas[arena][at:at + span])
       at += span
     return out
 
+  def read_groups(self, groups: list[list[str]]) -> Iterator[dict[str, np.ndarray]]:
+    """`read_group` of each list of names in turn, the next one read in a background thread (the disk works while
+    the caller converts): each dict is valid until the one after next is asked for."""
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-reader") as reader:
+      ahead = reader.submit(self.read_group, groups[0], 0) if groups else None
+      for i in range(len(groups)):
+        tensors = ahead.result()
+        if i + 1 < len(groups):
+          ahead = reader.submit(self.read_group, groups[i + 1], (i + 1) % 2)
+        yield tensors
+
   def close(self) -> None:
-    self._arena = None
+    self._arenas = [None, None]
     for f in self._files.values():
       f.close()
 

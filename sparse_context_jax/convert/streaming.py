@@ -3,13 +3,14 @@ read and written as they go.
 
 A group is every rule of the unstacked variables (embedders, shared modulations, final layer; a whole VAE), or
 every rule of one layer of one block stack. Converting a group reads only its torch tensors, so host memory holds
-a few layers (the read buffer, the group being converted, those being written: at most 1 GiB; the largest group,
-a FLUX.2-dev single block, is ~1 GB in bfloat16) whatever the checkpoint size. A group is converted while the
-previous ones are written.
+a few layers (two read buffers, the group being converted, those being written: 512 MiB by default; the largest group,
+a FLUX.2-dev single block, is ~1 GB in bfloat16) whatever the checkpoint size. Three stages overlap: a group is
+converted while the next one is read (into a second read buffer) and the previous ones are written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -104,17 +105,17 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, dtype:
 
     groups = rule_groups(spec, layout)
     total = sum(source.nbytes(k) for k in keys)
+    # Three stages at once: the next group is read while this one is converted and earlier ones are written.
     with atomic_output(out, force=force, directory=True) as tmp, CheckpointWriter(tmp, cfg) as writer, \
-        _bar(total, f"convert {Path(source.description).name}", progress) as bar:
+        _bar(total, f"convert {Path(source.description).name}", progress) as bar, \
+        contextlib.closing(source.read_groups([g.torch_keys for g in groups])) as reads:
       if tokenizer is not None:
         copy_tokenizer(tokenizer, tmp / TOKENIZER_DIR)
         check_tokenizer(tmp / TOKENIZER_DIR, cfg.vocab_size, f"{source.description} ({kind.noun})")
       done = 0
-      for g in groups:
-        # Bounded memory: wait for earlier groups' writes while this one's parameters would overflow the budget;
-        # otherwise this group is read and converted while the previous ones are being written.
+      for g, tensors in zip(groups, reads):
+        # Bounded memory: wait for earlier groups' writes while this one's parameters would overflow the budget.
         writer.room(sum(source.nbytes(k) // source.dtype(k).itemsize for k in g.torch_keys) * out_dtype.itemsize)
-        tensors = source.read_group(g.torch_keys)   # valid until the next group's read
         params = {}
         for rule, fmt in g.rules:
           params.update(to_params(rule, tensors, fmt, spec.layouts, spec.has_bias, out_dtype, writer.empty))
