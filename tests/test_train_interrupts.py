@@ -32,6 +32,7 @@ def _one_line_error(capsys, rc) -> str:
   return err
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_exits_preempted_then_the_same_command_resumes(tmp_path):
   workdir = tmp_path / "run"
   cmd = [sys.executable, "-m", "sparse_context_jax"] + _args(workdir, "train.steps=400", "checkpoint.every=1000")

@@ -11,6 +11,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 from sparse_context_jax.train import config as C
 from sparse_context_jax.train.metrics import read_metrics
@@ -58,6 +59,7 @@ def _curve(workdir) -> dict[int, tuple[float, int]]:
   return {m["step"]: (m["loss"], m["batch_crc32"]) for m in read_metrics(workdir) if "loss" in m}
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_and_restore_on_another_mesh(tmp_path):
   from sparse_context_jax.train.loop import dataset_path
   data = dataset_path(C.apply_overrides(C.load(TINY), FAST), str(tmp_path))   # one world for every run
@@ -88,6 +90,7 @@ def test_two_processes_equal_one_and_restore_on_another_mesh(tmp_path):
     assert abs(a[step][0] - b[step][0]) <= 1e-5 * abs(a[step][0]), (step, a[step][0], b[step][0])
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_saves_on_every_process_and_stops(tmp_path):
   """Preemption that reaches one worker first: both processes save the same step, then exit with the preempted
   status (75), which the launcher returns."""

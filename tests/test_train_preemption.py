@@ -13,6 +13,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from sparse_context_jax.train import config as C
 from sparse_context_jax.train.metrics import read_metrics
@@ -65,6 +66,7 @@ def _curve(workdir: str) -> list[tuple]:
   return [(m["step"], m["loss"], m["grad_norm"], m["batch_crc32"]) for m in read_metrics(workdir) if "loss" in m]
 
 
+@pytest.mark.slow
 def test_kill_minus_9_three_times_resumes_bitwise(tmp_path):
   from sparse_context_jax.train.loop import dataset_path
   config = C.apply_overrides(C.load(TINY), OVERRIDES)

@@ -68,6 +68,7 @@ def max_rel(a: dict, b: dict) -> float:
   return max(float(np.max(np.abs(a[k] - b[k])) / max(np.max(np.abs(b[k])), 1e-12)) for k in a)
 
 
+@pytest.mark.slow
 def test_grad_accumulation_is_exact():
   """grad_accum 1, 2, 4 on the same batch draw the same t, noise and dropped tokens per example: the same loss and
   gradients up to float rounding (the gradient read back from Adam's first moment, (1 - b1) g after one step)."""
@@ -110,6 +111,7 @@ def _dtypes(tree) -> set:
   return {np.dtype(x.dtype) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)}
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_weights_and_moments():
   batch = make_batch(C.model_config(tiny()))
   loss32 = Run(tiny(), batch).step()["loss"]
