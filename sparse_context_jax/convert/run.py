@@ -157,35 +157,79 @@ def abstract_model(cfg: MMDiTConfig, dtype, **module_kw) -> MMDiT:
   return model
 
 
-def read_params(run: RunStep, *, dtype=None, mesh: jax.sharding.Mesh | None = None,
-                rules: Mapping[str, str | None] = DEFAULT_RULES) -> nnx.State:
-  """The full-model weights of `run` as an `nnx.State` of arrays (the parameters, or their EMA), each leaf read
-  straight into its `placement` (sharded by `rules` on `mesh`), cast to `dtype` (default: as stored)."""
+def _merge_lora_hook(run: RunStep) -> None:
+  """LoRA hook: a LoRA run's full-model weights are its base (the frozen `params`, from `model.init`) merged with
+  state["lora"] (their EMA with ema=True); `read_params` and `RunWeights.read` are where the merge goes. Until it
+  is built a LoRA run is refused, never half-read."""
+  if run.lora:
+    raise CheckpointError(f"{run.description} trained LoRA; merging its LoRA into the base is not supported yet")
+
+
+def stored_dtype(run: RunStep) -> np.dtype:
+  """The dtype of the run's stored weights (its `model.param_dtype`), after checking they are the model's: every
+  parameter present with its shape (a CheckpointError names the differing keys)."""
   stored = _flat(_state_metadata(run.state_dir)[run.weights])
-  stored_dtypes = {np.dtype(m.dtype) for m in stored.values()}
-  dtype = np.dtype(dtype) if dtype is not None else (stored_dtypes.pop() if len(stored_dtypes) == 1 else np.float32)
-  flat = nnx.to_flat_state(nnx.state(abstract_model(run.model, dtype), nnx.Param))
+  flat = nnx.to_flat_state(nnx.state(abstract_model(run.model, np.float32), nnx.Param))
   want = {tuple(map(str, p)): tuple(v.shape) for p, v in flat}
   found = {p: tuple(m.shape) for p, m in stored.items()}
   if want != found:
     missing, unexpected = set(want) - set(found), set(found) - set(want)
     bad = [f"{'.'.join(p)} {found[p]} (expected {s})" for p, s in want.items() if p in found and found[p] != s]
+    parts = [f"missing {format_keys('.'.join(p) for p in missing)}" if missing else "",
+             f"unexpected {format_keys('.'.join(p) for p in unexpected)}" if unexpected else "",
+             f"wrong shapes {format_keys(bad)}" if bad else ""]
     raise CheckpointError(f"{run.description}: its {run.weights} do not match its config's model: "
-                          + "; ".join(part for part in (
-                              missing and f"missing {format_keys('.'.join(p) for p in missing)}",
-                              unexpected and f"unexpected {format_keys('.'.join(p) for p in unexpected)}",
-                              bad and f"wrong shapes {format_keys(bad)}") if part))
-  if run.lora:
-    # LoRA hook: the base comes from the run's frozen `params` (or model.init), merged with state["lora"] (its EMA
-    # with ema=True). Built with the LoRA training; until then a LoRA run is refused, never half-read.
-    raise CheckpointError(f"{run.description} trained LoRA; merging its LoRA into the base is not supported yet")
+                          + "; ".join(p for p in parts if p))
+  dtypes = {np.dtype(m.dtype) for m in stored.values()}
+  if len(dtypes) != 1:
+    raise CheckpointError(f"{run.description} holds weights of several dtypes {sorted(map(str, dtypes))}")
+  return dtypes.pop()
+
+
+def read_params(run: RunStep, *, dtype=None, mesh: jax.sharding.Mesh | None = None,
+                rules: Mapping[str, str | None] = DEFAULT_RULES) -> nnx.State:
+  """The full-model weights of `run` as an `nnx.State` of arrays (the parameters, or their EMA), each leaf read
+  straight into its `placement` (sharded by `rules` on `mesh`), cast to `dtype` (default: as stored)."""
+  dtype = np.dtype(dtype) if dtype is not None else stored_dtype(run)
+  _merge_lora_hook(run)
+  flat = nnx.to_flat_state(nnx.state(abstract_model(run.model, dtype), nnx.Param))
   targets = {(run.weights, *map(str, p)): jax.ShapeDtypeStruct(v.shape, dtype, sharding=placement(v, mesh, rules))
              for p, v in flat}
+  got = _restore(run, targets)
+  return nnx.from_flat_state([(p, v.replace(got[(run.weights, *map(str, p))])) for p, v in flat])
+
+
+def _restore(run: RunStep, targets: dict) -> dict:
   try:
-    got = restore_tree(run.state_dir, targets)
+    return restore_tree(run.state_dir, targets)
   except (ValueError, KeyError, FileNotFoundError) as e:
     raise CheckpointError(f"cannot restore the {run.weights} of {run.description}: {e}") from None
-  return nnx.from_flat_state([(p, v.replace(got[(run.weights, *map(str, p))])) for p, v in flat])
+
+
+class RunWeights:
+  """A run's weights as the exporter reads them (`convert/streaming.py`): `read(names, layer)` gives the host
+  arrays of some parameters ("double_blocks.img_attn.qkv.kernel"), of one layer of their stack (`layer`) or whole
+  (None), in the stored dtype. A stack's leaves are read once, when its first layer is asked, and dropped when
+  the next stack starts: the host holds one block stack at a time, never the optimizer state."""
+
+  def __init__(self, run: RunStep):
+    self.run, self.config = run, run.model
+    self.dtype = stored_dtype(run)
+    _merge_lora_hook(run)
+    self._stack: tuple[str, dict[str, np.ndarray]] = ("", {})
+
+  def read(self, names, layer: int | None) -> dict[str, np.ndarray]:
+    path = lambda name: (self.run.weights, *name.split("."))
+    if layer is None:
+      got = _restore(self.run, {path(n): self.dtype for n in names})
+      return {n: got[path(n)] for n in names}
+    stack = names[0].split(".")[0]
+    assert all(n.split(".")[0] == stack for n in names), names
+    if self._stack[0] != stack or not set(names) <= set(self._stack[1]):
+      self._stack = (stack, {})   # the previous stack's arrays go before this one's arrive
+      got = _restore(self.run, {path(n): self.dtype for n in names})
+      self._stack = (stack, {n: got[path(n)] for n in names})
+    return {n: self._stack[1][n][layer] for n in names}
 
 
 @dataclasses.dataclass
