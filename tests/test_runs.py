@@ -91,3 +91,66 @@ def test_bad_run_dirs_are_one_line_errors(run, tmp_path):
     with pytest.raises(CheckpointError) as e:
       call()
     assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_export_to_bfl_and_diffusers_converts_back_to_the_same_parameters(run, tmp_path, capsys):
+  """A run's weights -> one safetensors file (`export RUN_DIR`) -> `convert` -> bitwise the run's (fp32)."""
+  from sparse_context_jax.convert import load, read_config
+  workdir, config, final = run
+  at2 = saved_state(workdir, config, 2)
+  cfg = C.model_config(config)
+  (tmp_path / "config.json").write_text(json.dumps(cfg.to_diffusers()))   # tiny sizes a BFL file cannot tell
+  for layout, flags, want in (("bfl", ["--ema"], final["ema"]),
+                              ("diffusers", ["--step", "2"], at2["params"])):
+    out, converted = tmp_path / f"{layout}.safetensors", tmp_path / f"{layout}-converted"
+    assert cli.main(["export", workdir, str(out), "--layout", layout, *flags]) == 0
+    assert cli.main(["convert", str(out), str(converted), "--config", str(tmp_path / "config.json")]) == 0
+    assert read_config(converted) == cfg
+    from flax import nnx
+    assert_bitwise(nnx.state(load(converted), nnx.Param).to_pure_dict(), want)
+  capsys.readouterr()
+
+
+def test_generate_from_a_run_writes_pngs_through_its_recorded_encoders(run, tmp_path):
+  """`generate --model RUN_DIR`: the run's model, its stand-in pixel tokens (decoded to pooled pixels) and its
+  hashed text, as it recorded them at train start; `--step` and `--ema` give other weights, so other images."""
+  from PIL import Image
+  workdir, config, _ = run
+  record = json.loads(open(os.path.join(workdir, "encoders.json")).read())
+  assert record == {"image": {"kind": "pixel-tokens", "channels": 12},
+                    "text": {"kind": "hashed-text", "length": 8, "dim": 16, "pooled_dim": 0}}
+  rng = np.random.default_rng(0)
+  Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "ref.png")
+  jobs = tmp_path / "jobs.jsonl"
+  jobs.write_text(json.dumps({"prompt": "a red square on the left", "references": ["ref.png", "ref.png"],
+                              "task": "composition", "keep": 0.5, "size": [64, 64], "steps": 2,
+                              "output": "out/a.png"}) + "\n")
+  latents = {}
+  for flags, step, ema in (([], 4, False), (["--step", "2", "--ema"], 2, True)):
+    assert cli.main(["generate", str(jobs), "--model", workdir, "--save-latents", "--force", *flags]) == 0
+    png = np.asarray(Image.open(tmp_path / "out" / "a.png"))
+    assert png.shape == (8, 8, 3) and png.dtype == np.uint8   # a token's 16x16 pixels pool to 2x2
+    report = json.loads((tmp_path / "jobs.report.json").read_text())
+    assert report["run"] == {"path": workdir, "step": step, "ema": ema} and len(report["jobs"]) == 1
+    latents[step] = np.load(tmp_path / "out" / "a.npy")
+  assert np.all(np.isfinite(latents[4])) and not np.array_equal(latents[4], latents[2])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["export", "{tmp}", "{tmp}/x.safetensors", "--layout", "bfl"], "is not a converted checkpoint"),
+    (["export", "{run}", "{tmp}/x.safetensors", "--layout", "bfl", "--step", "3"],
+     "has no step 3 (its saved steps: 2, 4)"),
+    (["export", "{run}/checkpoints/2", "{tmp}/x.safetensors", "--layout", "bfl", "--step", "4"], "is step 2"),
+    (["generate", "{tmp}/jobs.jsonl", "--model", "{run}", "--step", "1"], "has no step 1"),
+    (["generate", "{tmp}/jobs.jsonl", "--model", "{tmp}/empty", "--ema"], "has no checkpoint yet"),
+    (["generate", "{tmp}/jobs.jsonl", "--random-model", "flux2-klein-4b", "--random-vae", "flux2", "--ema"],
+     "--step and --ema select the weights of a training run"),
+])
+def test_bad_runs_are_one_line_errors_of_the_commands(run, tmp_path, capsys, argv, message):
+  (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+  (tmp_path / "jobs.jsonl").write_text("")
+  argv = [a.format(tmp=tmp_path, run=run[0]) for a in argv]
+  rc = cli.main(argv)
+  err = capsys.readouterr().err.strip()
+  assert rc == 2 and err.startswith("error: ") and message in err and "\n" not in err, err
+  assert not (tmp_path / "x.safetensors").exists()

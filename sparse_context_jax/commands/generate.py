@@ -196,6 +196,8 @@ def run(args) -> int:
   except ValueError as e:
     raise UserError(str(e)) from None
   report = {"jobs": [], "bad_jobs": [], "failed_jobs": [], "programs": [], "memory": {}}
+  if args.run is not None:   # which weights of the run generated
+    report["run"] = {"path": str(args.run.run_dir), "step": args.run.step, "ema": args.run.ema}
 
   def reject(items: list[BadJob]) -> None:
     for b in items:
