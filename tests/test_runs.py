@@ -154,3 +154,42 @@ def test_bad_runs_are_one_line_errors_of_the_commands(run, tmp_path, capsys, arg
   err = capsys.readouterr().err.strip()
   assert rc == 2 and err.startswith("error: ") and message in err and "\n" not in err, err
   assert not (tmp_path / "x.safetensors").exists()
+
+
+SHARDED = """
+import json, sys
+import jax, numpy as np
+sys.path.insert(0, {root!r})
+from sparse_context_jax.convert.run import read_run
+from sparse_context_jax.parallel import make_mesh
+from sparse_context_jax.train import config as C
+from sparse_context_jax.train.state import setup
+config = C.apply_overrides(C.load({tiny!r}), {overrides!r} + ["mesh=(2, 2, 2)"])
+mesh = make_mesh(config.mesh, jax.devices())
+want = setup(config, C.model_config(config), mesh).shardings["params"]
+params = read_run({run!r}, ema=True, mesh=mesh, rules=dict(config.sharding_rules)).params
+out = {{}}
+for (path, a), sh in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(want)):
+  out[jax.tree_util.keystr(path)] = dict(same=a.sharding.is_equivalent_to(sh, a.ndim), spec=str(a.sharding.spec),
+                                         value=np.asarray(a).tolist())
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_read_run_onto_a_mesh_gives_the_train_shardings(run, tmp_path):
+  """On a (2, 2, 2) mesh of 8 fake CPU devices, each parameter is read straight into the sharding the train state
+  gives it, with the same values."""
+  import subprocess
+  import sys
+  workdir, _, final = run
+  script = SHARDED.format(root=ROOT, tiny=TINY, overrides=RUN, run=workdir)
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.split("RESULT", 1)[1])
+  assert all(r["same"] for r in out.values()), {k: r["spec"] for k, r in out.items() if not r["same"]}
+  assert "fsdp" in " ".join(r["spec"] for r in out.values())   # the mesh really splits parameters
+  want = leaves(final["ema"])
+  assert out.keys() == want.keys()
+  for k, r in out.items():
+    np.testing.assert_array_equal(np.asarray(r["value"], np.float32), want[k], err_msg=k)
