@@ -25,6 +25,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from sparse_context_jax.convert.checkpoint import placement, restore_tree
@@ -122,24 +123,22 @@ def open_run(path: str | os.PathLike, *, step: int | None = None, ema: bool = Fa
 
 
 def _read_meta(run_dir: Path, step: int) -> dict:
-  manager = ocp.CheckpointManager(run_dir / CHECKPOINTS, options=ocp.CheckpointManagerOptions(read_only=True))
+  """The step's record {step, config, counters} (orbax's handlers, not a CheckpointManager: a reader needs none of
+  its bookkeeping, nor its warnings)."""
   try:
-    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return ocp.JsonCheckpointHandler().restore(epath.Path(run_dir / CHECKPOINTS / str(step) / META))
   except Exception as e:  # noqa: BLE001 - orbax raises many types; each means the record is unreadable
     raise CheckpointError(f"cannot read the record of step {step} in {run_dir / CHECKPOINTS}: {type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}") from None
-  finally:
-    manager.close()
 
 
 def _state_metadata(state_dir: Path) -> dict:
   """The stored train state's tree of array metadata (shapes, dtypes), read without its arrays."""
   try:
-    meta = ocp.PyTreeCheckpointer().metadata(state_dir)
+    tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_dir))
   except Exception as e:  # noqa: BLE001 - as in _read_meta
     raise CheckpointError(f"cannot read the train state of {state_dir}: {type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}") from None
-  tree = getattr(meta, "item_metadata", meta)
   return {k: tree[k] for k in tree.keys()}
 
 
@@ -190,8 +189,9 @@ def read_params(run: RunStep, *, dtype=None, mesh: jax.sharding.Mesh | None = No
                 rules: Mapping[str, str | None] = DEFAULT_RULES) -> nnx.State:
   """The full-model weights of `run` as an `nnx.State` of arrays (the parameters, or their EMA), each leaf read
   straight into its `placement` (sharded by `rules` on `mesh`), cast to `dtype` (default: as stored)."""
-  dtype = np.dtype(dtype) if dtype is not None else stored_dtype(run)
   _merge_lora_hook(run)
+  stored = stored_dtype(run)
+  dtype = np.dtype(dtype) if dtype is not None else stored
   flat = nnx.to_flat_state(nnx.state(abstract_model(run.model, dtype), nnx.Param))
   targets = {(run.weights, *map(str, p)): jax.ShapeDtypeStruct(v.shape, dtype, sharding=placement(v, mesh, rules))
              for p, v in flat}
@@ -213,9 +213,8 @@ class RunWeights:
   the next stack starts: the host holds one block stack at a time, never the optimizer state."""
 
   def __init__(self, run: RunStep):
-    self.run, self.config = run, run.model
-    self.dtype = stored_dtype(run)
     _merge_lora_hook(run)
+    self.run, self.config, self.dtype = run, run.model, stored_dtype(run)
     self._stack: tuple[str, dict[str, np.ndarray]] = ("", {})
 
   def read(self, names, layer: int | None) -> dict[str, np.ndarray]:
