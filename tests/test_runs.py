@@ -193,3 +193,22 @@ def test_read_run_onto_a_mesh_gives_the_train_shardings(run, tmp_path):
   assert out.keys() == want.keys()
   for k, r in out.items():
     np.testing.assert_array_equal(np.asarray(r["value"], np.float32), want[k], err_msg=k)
+
+
+def test_a_run_without_its_encoders_record_gets_them_from_its_config(run, tmp_path):
+  """A run that wrote no encoders.json (trained before runs recorded them): `generate` takes the stand-ins its
+  stored config names; `--vae` / `--text-encoder` still override."""
+  import argparse
+  from sparse_context_jax.commands import generate
+  old = tmp_path / "old"
+  shutil.copytree(run[0], old, ignore=shutil.ignore_patterns("world", "tensorboard", "encoders.json"))
+  parser = argparse.ArgumentParser()
+  generate.add_arguments(parser)
+  args = parser.parse_args(["jobs.jsonl", "--model", str(old), "--step", "2"])
+  generate._resolve_folders(args)
+  assert args.run.step == 2 and args.run.encoders is None
+  assert args.image_record == {"kind": "pixel-tokens", "channels": 12}
+  assert args.text_record == {"kind": "hashed-text", "length": 8, "dim": 16, "pooled_dim": 0}
+  args = parser.parse_args(["jobs.jsonl", "--model", str(old), "--vae", "some/vae", "--random-text-encoder"])
+  generate._resolve_folders(args)
+  assert args.image_record is None and args.text_record is None and args.vae == "some/vae"

@@ -116,7 +116,7 @@ def _resolve_run(args) -> None:
     args.run = open_run(args.model, step=args.step, ema=args.ema)
   except CheckpointError as e:
     raise UserError(str(e)) from None
-  record = args.run.encoders or {}
+  record = args.run.encoders or _encoders_of_config(args.run)
   where = f"--model {args.model}"
   if not (args.vae or args.random_vae):
     image = record.get("image", unknown("unrecorded"))
@@ -133,6 +133,17 @@ def _resolve_run(args) -> None:
       args.text_encoder = text["paths"]
     elif text.get("kind") == "hashed-text":
       args.text_record = text
+
+
+def _encoders_of_config(run) -> dict:
+  """The encoders of a run that recorded none (trained before runs wrote `encoders.json`), as its stored config
+  names them (`train.batches.run_encoder_record`); unknown ones where its latent folder is gone."""
+  import ml_collections
+  from sparse_context_jax.train.batches import run_encoder_record
+  try:
+    return run_encoder_record(ml_collections.ConfigDict(run.config), run.model)
+  except (OSError, KeyError, AttributeError, ValueError):
+    return {}
 
 
 def _model_config(args) -> MMDiTConfig:
