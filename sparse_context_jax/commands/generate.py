@@ -246,8 +246,10 @@ def run(args) -> int:
 def _generate(args, cfg: MMDiTConfig, jobs: list, report: dict) -> None:
   dtype = jnp.dtype(args.dtype)
   try:
-    model = (load_model(args.model, dtype=dtype, step=args.step, ema=args.ema) if args.model else
-             MMDiT(cfg, rngs=nnx.Rngs(args.seed), dtype=dtype))
+    if args.run is not None:   # the step opened before the jobs were read, even if the run has saved another since
+      model = load_model(args.run.run_dir, dtype=dtype, step=args.run.step, ema=args.run.ema)
+    else:
+      model = load_model(args.model, dtype=dtype) if args.model else MMDiT(cfg, rngs=nnx.Rngs(args.seed), dtype=dtype)
     pipeline = Pipeline(model, _image_encoder(args), mesh=Mesh(np.array(jax.devices()), ("data",)))
   except (CheckpointError, ValueError) as e:
     raise UserError(str(e)) from None
