@@ -15,6 +15,7 @@ import pytest
 
 from conftest import resumed_equals_straight
 from sparse_context_jax import cli
+from sparse_context_jax.convert.run import open_run
 from sparse_context_jax.parallel import make_mesh, mesh_shape, param_sharding
 from sparse_context_jax.train import config as C
 from sparse_context_jax.train.checkpoint import CheckpointError
@@ -101,6 +102,8 @@ def test_resume_gives_the_identical_next_steps_and_bad_checkpoints_fail(tmp_path
   from sparse_context_jax.train.loop import train
   c = tiny("train.steps=4", "checkpoint.every=2")
   resumed_equals_straight(c, tmp_path, first=2)
+  with pytest.raises(CheckpointError, match=r"has no EMA parameters \(train.ema_decay was 0.0\); drop --ema"):
+    open_run(tmp_path / "a", ema=True)   # (the run reader: tests/test_runs.py)
   # An unreadable latest checkpoint is an error, not a fresh start.
   state_dir = tmp_path / "b" / "checkpoints" / "4" / "state"
   shutil.rmtree(state_dir)

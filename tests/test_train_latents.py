@@ -4,6 +4,7 @@ bitwise), and latent folders that do not fit the model refused in one line befor
 
 from __future__ import annotations
 
+import json
 import os
 
 import grain
@@ -136,11 +137,18 @@ def test_latent_pipeline_buckets_by_shape_pads_splits_rows_and_resumes(folders, 
 
 def test_trains_on_latents_learns_and_resumes_bitwise(folders, tmp_path):
   """20 straight steps equal 2 steps, a restart from their checkpoint and 18 more, bitwise; the loss falls."""
-  _, folder = folders
+  vae, folder = folders
   c = tiny(folder, "train.steps=20", "checkpoint.every=10", "train.schedule=constant")
   loss = resumed_equals_straight(c, tmp_path, first=2)
   assert len(loss) == 20 and np.all(np.isfinite(loss))
   assert np.mean(loss[-5:]) < np.mean(loss[:5]), loss
+  # The run records the precompute folder's encoders (its VAE folder, the stand-in text), and they rebuild.
+  from sparse_context_jax.encoders import records
+  record = json.loads((tmp_path / "a" / "encoders.json").read_text())
+  assert record == {"image": {"kind": "vae", "path": os.path.abspath(vae)},
+                    "text": {"kind": "hashed-text", "length": TEXT_LEN, "dim": TEXT_DIM, "pooled_dim": 0}}
+  assert records.image_encoder(record["image"]).token_channels == 16
+  assert records.text_encoder(record["text"])(["a b"]).txt.shape == (1, TEXT_LEN, TEXT_DIM)
 
 
 @pytest.mark.parametrize("override, message", [

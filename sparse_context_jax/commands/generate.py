@@ -26,6 +26,9 @@ from sparse_context_jax.cli import UserError
 from sparse_context_jax.convert import (CheckpointError, is_converted_pipeline, load_model, load_vae, pipeline_components,
                                        read_config)
 from sparse_context_jax.convert.output import atomic_output
+from sparse_context_jax.convert.run import is_run, open_run
+from sparse_context_jax.encoders import records
+from sparse_context_jax.encoders.records import unknown
 from sparse_context_jax.encoders.vae import VAEImageEncoder
 from sparse_context_jax.generate import BadJob, Failed, Generator, Pipeline, read_jobs
 from sparse_context_jax.generate.prompts import encode_job_prompts
@@ -39,10 +42,15 @@ from sparse_context_jax.sparse.pack import default_max_refs
 def add_arguments(parser) -> None:
   parser.add_argument("jobs", metavar="JOBS.jsonl", help="one job per line (see sparse_context_jax/generate/jobs.py)")
   model = parser.add_mutually_exclusive_group(required=True)
-  model.add_argument("--model", metavar="DIR", help="a transformer converted with `convert`, or a converted pipeline "
-                     "folder (its VAE and text encoder(s) serve unless --vae / --text-encoder name others)")
+  model.add_argument("--model", metavar="DIR", help="a transformer converted with `convert`, a converted pipeline "
+                     "folder (its VAE and text encoder(s) serve unless --vae / --text-encoder name others), or a "
+                     "training run (RUN_DIR or RUN_DIR/checkpoints/STEP: the encoders it trained with serve "
+                     "likewise)")
   model.add_argument("--random-model", metavar="PRESET|CONFIG_JSON",
                      help="random weights of a preset or of an MMDiTConfig JSON file (for timing and tests)")
+  parser.add_argument("--step", type=int, metavar="N", help="with a training run as --model: the weights of step N "
+                      "(default: its latest)")
+  parser.add_argument("--ema", action="store_true", help="with a training run as --model: its EMA weights")
   vae = parser.add_mutually_exclusive_group()
   vae.add_argument("--vae", metavar="DIR", help="a VAE converted with `convert`")
   vae.add_argument("--random-vae", metavar="flux1|flux2|CONFIG_JSON", help="random VAE weights")
@@ -77,7 +85,14 @@ def _random_config(spec: str, presets: dict, cls, what: str):
 
 def _resolve_folders(args) -> None:
   """A converted pipeline folder as --model: its transformer, and its VAE and text encoder(s) where the flags name
-  none. Leaves args.model, args.vae and args.text_encoder naming single converted folders."""
+  none; a training run likewise: its weights, and the encoders it recorded (`encoders/records.py`). Leaves
+  args.model naming a converted folder or a run (`args.run`: its opened step), args.vae and args.text_encoder
+  single converted folders, or args.image_record / args.text_record a run's stand-in encoders."""
+  args.run, args.image_record, args.text_record = None, None, None
+  if args.model and is_run(args.model):
+    _resolve_run(args)
+  elif args.step is not None or args.ema:
+    raise UserError("--step and --ema select the weights of a training run: give one as --model RUN_DIR")
   if args.model and is_converted_pipeline(args.model):
     try:
       components = pipeline_components(args.model)
@@ -90,14 +105,53 @@ def _resolve_folders(args) -> None:
       args.vae = str(components["vae"])
     if not (args.text_encoder or args.random_text_encoder) and "text_encoder" in components:
       args.text_encoder = [root]   # the prompt encoder finds the pipeline's encoders and tokenizers
-  if not (args.vae or args.random_vae):
+  if not (args.vae or args.random_vae or args.image_record):
     raise UserError("give --vae DIR or --random-vae (or a converted pipeline folder with a VAE as --model)")
+
+
+def _resolve_run(args) -> None:
+  """A training run as --model: its step opened (errors now, before any job is read), its encoders where the flags
+  name none."""
+  try:
+    args.run = open_run(args.model, step=args.step, ema=args.ema)
+  except CheckpointError as e:
+    raise UserError(str(e)) from None
+  record = args.run.encoders or _encoders_of_config(args.run)
+  where = f"--model {args.model}"
+  if not (args.vae or args.random_vae):
+    image = record.get("image", unknown("unrecorded"))
+    if image.get("kind") == "vae":
+      args.vae = image["path"]
+    elif image.get("kind") == "pixel-tokens":
+      args.image_record = image
+    else:
+      raise UserError(f"{where}: the run records no image encoder it can rebuild ({image.get('name')!r}): give "
+                      "--vae DIR")
+  if not (args.text_encoder or args.random_text_encoder):
+    text = record.get("text", {})
+    if text.get("kind") == "text-encoder":
+      args.text_encoder = text["paths"]
+    elif text.get("kind") == "hashed-text":
+      args.text_record = text
+
+
+def _encoders_of_config(run) -> dict:
+  """The encoders of a run that recorded none (trained before runs wrote `encoders.json`), as its stored config
+  names them (`train.batches.run_encoder_record`); unknown ones where its latent folder is gone."""
+  import ml_collections
+  from sparse_context_jax.train.batches import run_encoder_record
+  try:
+    return run_encoder_record(ml_collections.ConfigDict(run.config), run.model)
+  except (OSError, KeyError, AttributeError, ValueError):
+    return {}
 
 
 def _model_config(args) -> MMDiTConfig:
   """The transformer's config, read without building it (jobs are checked against it first)."""
   if args.random_model:
     return _random_config(args.random_model, PRESETS, MMDiTConfig, "model")
+  if args.run is not None:
+    return args.run.model
   try:
     cfg = read_config(args.model)
   except CheckpointError as e:
@@ -120,6 +174,8 @@ def _peak_rss_mib() -> float:
 
 def _prompt_encoder(args, cfg: MMDiTConfig):
   """The text encoder the flags name, or None."""
+  if args.text_record is not None:
+    return records.text_encoder(args.text_record)
   if not (args.random_text_encoder or args.text_encoder):
     return None
   from sparse_context_jax.encoders.prompts import load_prompt_encoder, random_prompt_encoder
@@ -151,6 +207,8 @@ def run(args) -> int:
   except ValueError as e:
     raise UserError(str(e)) from None
   report = {"jobs": [], "bad_jobs": [], "failed_jobs": [], "programs": [], "memory": {}}
+  if args.run is not None:   # which weights of the run generated
+    report["run"] = {"path": str(args.run.run_dir), "step": args.run.step, "ema": args.run.ema}
 
   def reject(items: list[BadJob]) -> None:
     for b in items:
@@ -188,10 +246,11 @@ def run(args) -> int:
 def _generate(args, cfg: MMDiTConfig, jobs: list, report: dict) -> None:
   dtype = jnp.dtype(args.dtype)
   try:
-    model = (load_model(args.model, dtype=dtype) if args.model else MMDiT(cfg, rngs=nnx.Rngs(args.seed), dtype=dtype))
-    vae = (load_vae(args.vae) if args.vae else
-           AutoencoderKL(_random_config(args.random_vae, VAE_PRESETS, VAEConfig, "vae"), rngs=nnx.Rngs(args.seed + 1)))
-    pipeline = Pipeline(model, VAEImageEncoder(vae), mesh=Mesh(np.array(jax.devices()), ("data",)))
+    if args.run is not None:   # the step opened before the jobs were read, even if the run has saved another since
+      model = load_model(args.run.run_dir, dtype=dtype, step=args.run.step, ema=args.run.ema)
+    else:
+      model = load_model(args.model, dtype=dtype) if args.model else MMDiT(cfg, rngs=nnx.Rngs(args.seed), dtype=dtype)
+    pipeline = Pipeline(model, _image_encoder(args), mesh=Mesh(np.array(jax.devices()), ("data",)))
   except (CheckpointError, ValueError) as e:
     raise UserError(str(e)) from None
   generator = Generator(pipeline, batch_size=args.batch_size)
@@ -218,6 +277,15 @@ def _generate(args, cfg: MMDiTConfig, jobs: list, report: dict) -> None:
             "kv_cache_bytes": generator.kv_cache_bytes(r.prepared)})
   finally:
     report["programs"] = pipeline.programs()
+
+
+def _image_encoder(args):
+  """The image encoder the flags (or the --model folder or run) name."""
+  if args.image_record is not None:
+    return records.image_encoder(args.image_record)
+  vae = (load_vae(args.vae) if args.vae else
+         AutoencoderKL(_random_config(args.random_vae, VAE_PRESETS, VAEConfig, "vae"), rngs=nnx.Rngs(args.seed + 1)))
+  return VAEImageEncoder(vae)
 
 
 def _npy(array: np.ndarray) -> bytes:

@@ -209,6 +209,12 @@ def stored_dtype(path: str | os.PathLike) -> np.dtype:
 def restore(path: str | os.PathLike, targets: Mapping[TreePath, jax.ShapeDtypeStruct | np.dtype]) -> dict:
   """Reads some stored leaves: a `jax.ShapeDtypeStruct` target with a sharding gives a `jax.Array` in that
   sharding (each device's shard read and cast separately); a numpy dtype gives a host array."""
+  return restore_tree(Path(path) / PARAMS / _PYTREE, targets)
+
+
+def restore_tree(tree_dir: str | os.PathLike, targets: Mapping[TreePath, jax.ShapeDtypeStruct | np.dtype]) -> dict:
+  """`restore` from any orbax pytree folder (a converted checkpoint's, a training run's state): the leaves at the
+  paths of `targets`, the rest left unread."""
   def args(t):
     if isinstance(t, jax.ShapeDtypeStruct):
       return ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape, dtype=t.dtype)
@@ -216,7 +222,7 @@ def restore(path: str | os.PathLike, targets: Mapping[TreePath, jax.ShapeDtypeSt
   item = _nest({p: (t if isinstance(t, jax.ShapeDtypeStruct) else np.zeros((), t)) for p, t in targets.items()})
   restore_args = _nest({p: args(t) for p, t in targets.items()})
   tree = ocp.PyTreeCheckpointer().restore(
-      Path(path) / PARAMS / _PYTREE,
+      Path(tree_dir),
       args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
   return _flatten(tree)
 
@@ -245,6 +251,18 @@ def _stacking_axes(var) -> int:
   return 0 if logical_axes is None else len(var.shape) - len(logical_axes)
 
 
+def placement(var: nnx.Variable, mesh: jax.sharding.Mesh | None,
+              rules: Mapping[str, str | None] = DEFAULT_RULES) -> jax.sharding.Sharding:
+  """Where a loaded variable lives: the first device without a mesh; on a mesh, the sharding its logical axes and
+  `rules` give it (replicated without logical axes)."""
+  logical_axes = var.get_metadata().get("logical_axes")
+  if mesh is None:
+    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  if logical_axes is None:
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return param_sharding(mesh, tuple(var.shape), logical_axes, rules)
+
+
 def load(path: str | os.PathLike, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
          rules: Mapping[str, str | None] = DEFAULT_RULES, **module_kw) -> nnx.Module:
   """The module (transformer, VAE, ...) of a folder written by `convert`, as its `config.json` names it.
@@ -266,16 +284,8 @@ def load(path: str | os.PathLike, *, dtype=jnp.float32, mesh: jax.sharding.Mesh 
   flat = nnx.to_flat_state(abstract_state)
 
   # name -> (shape, dtype, layers (0 = not stacked), sharding); logical_axes name the axes before layer stacking.
-  info = {}
-  for p, var in flat:
-    shape, logical_axes = tuple(var.shape), var.get_metadata().get("logical_axes")
-    if mesh is None:
-      sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    elif logical_axes is None:
-      sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    else:
-      sharding = param_sharding(mesh, shape, logical_axes, rules)
-    info[".".join(map(str, p))] = (shape, var.dtype, _stacking_axes(var), sharding)
+  info = {".".join(map(str, p)): (tuple(var.shape), var.dtype, _stacking_axes(var), placement(var, mesh, rules))
+          for p, var in flat}
 
   try:
     unstacked = {name: i for name, i in info.items() if i[2] == 0}
@@ -319,9 +329,15 @@ def _load_kind(path, kind: str, **kw) -> nnx.Module:
   return load(path, **kw)
 
 
-def load_model(path: str | os.PathLike, **kw) -> MMDiT:
+def load_model(path: str | os.PathLike, *, step: int | None = None, ema: bool = False, **kw) -> MMDiT:
   """`load` for a converted transformer (a CheckpointError names what else the folder holds); a converted pipeline
-  folder gives its transformer."""
+  folder gives its transformer; a training run (RUN_DIR or RUN_DIR/checkpoints/STEP) the weights of its latest
+  step, or of `step`, or their EMA (`ema`), in the model its config names (`convert/run.py`)."""
+  from sparse_context_jax.convert.run import is_run, load_run_model   # run.py reads checkpoints through this module
+  if is_run(path):
+    return load_run_model(path, step=step, ema=ema, **kw)
+  if step is not None or ema:
+    raise CheckpointError(f"{path} is not a training run: step and ema select the weights of a run's checkpoint")
   return _load_kind(path, "transformer", **kw)
 
 

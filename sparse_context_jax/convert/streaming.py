@@ -25,6 +25,7 @@ from sparse_context_jax.convert.rules import (Rule, layer_formats, source_keys, 
 from sparse_context_jax.convert.checkpoint import CheckpointWriter, read_config, restore, stored_dtype, stored_path
 from sparse_context_jax.convert.kinds import KINDS, LAYOUTS, detect_kind, kind_of
 from sparse_context_jax.convert.output import atomic_output, check_destination
+from sparse_context_jax.convert.run import RunWeights, is_run, open_run
 from sparse_context_jax.convert.safetensors_io import DTYPE_NAMES, SafetensorsWriter
 from sparse_context_jax.convert.sources import open_source
 from sparse_context_jax.convert.state_dict import ModelSpec, check_tensors
@@ -146,19 +147,38 @@ def _cut(cfg, kind, text_layers: int | None, what: str):
   return cfg.replace(num_layers=text_layers)
 
 
+class ConvertedWeights:
+  """A converted checkpoint's weights as the exporter reads them: `read(names, layer)` gives host arrays of some
+  parameters, one layer of their stack (or whole, `layer=None`), in the stored dtype (`convert/run.py`'s
+  `RunWeights` reads a training run's the same way)."""
+
+  def __init__(self, ckpt: str | os.PathLike):
+    self.ckpt, self.config, self.dtype = ckpt, read_config(ckpt), stored_dtype(ckpt)
+
+  def read(self, names, layer: int | None) -> dict[str, np.ndarray]:
+    got = restore(self.ckpt, {stored_path(k, layer): self.dtype for k in names})
+    return {k: got[stored_path(k, layer)] for k in names}
+
+
 def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, layout: str, force: bool = False,
-                      progress: bool | None = None) -> None:
-  """Writes a converted checkpoint (any kind) back as one `.safetensors` file in `layout` ("bfl" or "diffusers"),
-  in the stored dtype, one layer at a time: the inverse of `convert_checkpoint`, tensor for tensor."""
+                      progress: bool | None = None, step: int | None = None, ema: bool = False) -> None:
+  """Writes a converted checkpoint (any kind), or a training run's weights (RUN_DIR or RUN_DIR/checkpoints/STEP:
+  the latest step unless `step`, their EMA with `ema`), as one `.safetensors` file in `layout` ("bfl" or
+  "diffusers"), in the stored dtype, one layer at a time: the inverse of `convert_checkpoint`, tensor for tensor."""
   if layout not in {name for kind in KINDS.values() for name in kind.layouts}:
     raise CheckpointError(f"layout {layout!r}; expected one of {LAYOUTS}")
   check_destination(out, force)
-  cfg = read_config(ckpt)
+  if is_run(ckpt):
+    weights = RunWeights(open_run(ckpt, step=step, ema=ema))
+  elif step is not None or ema:
+    raise CheckpointError(f"{ckpt} is not a training run: step and ema select the weights of a run's checkpoint")
+  else:
+    weights = ConvertedWeights(ckpt)
+  cfg, dtype = weights.config, weights.dtype
   kind = kind_of(cfg)
   if layout not in kind.layouts:
     raise CheckpointError(f"layout {layout!r}: a converted {kind.noun} exports as one of {kind.layouts}")
   spec = ModelSpec(cfg)
-  dtype = stored_dtype(ckpt)
   groups = rule_groups(spec, layout)
   entries = [(name, dtype, shape) for g in groups for rule, fmt in g.rules
              for name, shape in torch_shapes(rule, fmt, spec.layouts, spec.has_bias, spec.param_shapes).items()]
@@ -167,8 +187,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, layout
       _bar(total, f"export {Path(out).name}", progress) as bar:
     writer, done = SafetensorsWriter(tmp, entries, {"format": "pt"}), 0
     for g in groups:
-      got = restore(ckpt, {stored_path(k, g.layer): dtype for k in g.param_keys})
-      params = {k: got[stored_path(k, g.layer)] for k in g.param_keys}
+      params = weights.read(g.param_keys, g.layer)
       for rule, fmt in g.rules:
         for name, array in to_torch(rule, params, fmt, spec.layouts, spec.has_bias).items():
           writer.write(name, array)

@@ -6,7 +6,8 @@ Encoders are pluggable (`encoders.Encoders`): `vae:PATH,text:PATH` is the projec
 `module:attr` names your own.
 
 Output folder: `latents.array_record` (one record per dataset record, bucket by bucket, padding never written) and
-`latents.json` (count, encoder name, buckets, source), `shapes.npy` ((count, 2) int32: each record's latent
+`latents.json` (count, encoder name and record (`Encoders.record`: the VAE folder and the text encoders, for the
+runs trained on it), buckets, source), `shapes.npy` ((count, 2) int32: each record's latent
 (h, w), so the training pipeline buckets records without reading them). A record is an `.npz` (numpy's own
 format, no pickle):
 - `index` int64, `task` int32, `caption` str;
@@ -72,6 +73,8 @@ class _Captions:
   def __init__(self, encoder, paths: list[str], length: int):
     self.encoder, self.length = encoder, length
     self.name = "text:" + "+".join(os.path.basename(os.path.abspath(p)) for p in paths) + f"@{length}"
+    self.record = {"kind": "text-encoder", "paths": [os.path.abspath(p) for p in paths],
+                   "max_sequence_length": length}
 
   def __call__(self, captions):
     return self.encoder(list(captions), max_sequence_length=self.length)
@@ -100,7 +103,8 @@ def _vae_encoders(path: str, text_paths: list[str], *, text_len: int | None, tex
   else:
     from sparse_context_jax.encoders.hashed_text import HashedText
     text = HashedText(text_len or 32, text_dim, pooled_dim)
-  return precompute_encoders(VAEImageEncoder(vae, f"vae:{os.path.basename(os.path.abspath(path))}"), text)
+  record = {"image": {"kind": "vae", "path": os.path.abspath(path)}, "text": text.record}
+  return precompute_encoders(VAEImageEncoder(vae, f"vae:{os.path.basename(os.path.abspath(path))}"), text, record)
 
 
 def mask_tokens(masks: np.ndarray) -> np.ndarray:
@@ -156,7 +160,7 @@ def precompute(dataset: Dataset | str, out: str | os.PathLike, encoders: Encoder
           bar.update(1)
     writer.close()
     np.save(tmp / SHAPES_FILE, np.asarray(shapes, np.int32).reshape(-1, 2))
-    info = dict(count=count, encoders=encoders.name, source=os.fspath(dataset.path),
+    info = dict(count=count, encoders=encoders.name, encoder_record=encoders.record, source=os.fspath(dataset.path),
                 resolution=resolution, buckets=[list(b) for b in buckets] if buckets else None)
     (tmp / INFO_FILE).write_text(json.dumps(info, indent=1))
     if out.exists():

@@ -80,3 +80,6 @@ class Encoders:
   name: str
   image: Callable[[np.ndarray], np.ndarray]
   text: Callable[[list[str]], dict[str, np.ndarray]]
+  # {"image": ..., "text": ...}: how a run trained on the output names these encoders (encoders/records.py), so
+  # `generate` can build them again; None when they cannot be named (e.g. a module:attribute of your own).
+  record: dict | None = None

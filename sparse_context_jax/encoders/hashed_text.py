@@ -24,6 +24,8 @@ class HashedText:
                        "and >= 0: the model's context_dim and pooled_dim)")
     self.length, self.dim, self.pooled_dim = length, dim, pooled_dim
     self.name = f"hashed-text-{length}x{dim}" + (f"+{pooled_dim}" if pooled_dim else "")
+    # How a run names it (encoders/records.py builds it again from this).
+    self.record = {"kind": "hashed-text", "length": length, "dim": dim, "pooled_dim": pooled_dim}
 
   @functools.lru_cache(maxsize=4096)
   def _word(self, word: str) -> tuple[np.ndarray, np.ndarray]:
@@ -31,12 +33,18 @@ class HashedText:
     return (rng.standard_normal(self.dim).astype(np.float32),
             rng.standard_normal(self.pooled_dim).astype(np.float32))
 
-  def __call__(self, captions: Sequence[str]) -> PromptEmbeddings:
-    txt = np.zeros((len(captions), self.length, self.dim), np.float32)
+  def __call__(self, captions: Sequence[str], max_sequence_length: int | None = None) -> PromptEmbeddings:
+    """`max_sequence_length`, as a prompt encoder takes it: at most that many of the `length` positions (default
+    all); `truncated` tells which captions had more words than positions."""
+    length = self.length if max_sequence_length is None else min(self.length, max_sequence_length)
+    txt = np.zeros((len(captions), length, self.dim), np.float32)
     y = np.zeros((len(captions), self.pooled_dim), np.float32)
+    truncated = []
     for b, caption in enumerate(captions):
-      words = str(caption).lower().replace(",", " ").split()[:self.length]
+      every = str(caption).lower().replace(",", " ").split()
+      words = every[:length]
+      truncated.append(len(every) > length)
       for i, word in enumerate(words):
         txt[b, i], pooled = self._word(word)
         y[b] += pooled / max(1, len(words))
-    return PromptEmbeddings(txt, y if self.pooled_dim else None)
+    return PromptEmbeddings(txt, y if self.pooled_dim else None, truncated=tuple(truncated))

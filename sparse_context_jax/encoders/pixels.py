@@ -31,6 +31,7 @@ class PixelTokens:
     self.token_channels = channels
     self.token_pixels = TOKEN_PIXELS
     self.name = f"pixel-tokens-{channels}"
+    self.record = {"kind": "pixel-tokens", "channels": channels}   # how a run names it (encoders/records.py)
 
   def encode(self, pixels) -> np.ndarray:
     s = self.side

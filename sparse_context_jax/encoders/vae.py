@@ -50,8 +50,9 @@ def pow2(n: int) -> int:
   return 1 << max(0, n - 1).bit_length()
 
 
-def precompute_encoders(image: VAEImageEncoder, text: TextEncoder) -> Encoders:
-  """`Encoders` for `precompute`: the VAE's normalised latents and the text encoder's arrays."""
+def precompute_encoders(image: VAEImageEncoder, text: TextEncoder, record: dict | None = None) -> Encoders:
+  """`Encoders` for `precompute`: the VAE's normalised latents and the text encoder's arrays; `record` names them
+  for the runs trained on the output (`Encoders.record`)."""
 
   def encode_images(images):
     # precompute passes the valid references only, a varying count: pad it to a power of two, so a bucket traces
@@ -60,4 +61,5 @@ def precompute_encoders(image: VAEImageEncoder, text: TextEncoder) -> Encoders:
     padded = np.concatenate([images, np.zeros((pow2(n) - n, *images.shape[1:]), images.dtype)])
     return np.asarray(image.latents(padded), np.float32)[:n]
 
-  return Encoders(f"{image.name}+{text.name}", encode_images, lambda captions: prompt_arrays(text(captions)))
+  return Encoders(f"{image.name}+{text.name}", encode_images, lambda captions: prompt_arrays(text(captions)),
+                  record)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from sparse_context_jax.encoders import HashedText, ImageEncoder, PixelTokens, TextEncoder, unit_range
+from sparse_context_jax.encoders.records import unknown
 from sparse_context_jax.model.config import MMDiTConfig
 from sparse_context_jax.model.positions import token_grid
 from sparse_context_jax.model.vae import pack
@@ -23,6 +24,17 @@ from sparse_context_jax.model.vae import pack
 def run_encoders(config, cfg: MMDiTConfig) -> tuple[ImageEncoder, TextEncoder]:
   """The image and text encoders of a run that reads pixels (`data.encoder = pixels`): the stand-ins."""
   return PixelTokens(cfg.in_channels), HashedText(config.data.txt_len, cfg.context_dim, cfg.pooled_dim)
+
+
+def run_encoder_record(config, cfg: MMDiTConfig) -> dict:
+  """What the run records of its encoders (`encoders/records.py`): the stand-ins of a pixel run, or the record of
+  the precompute folder's encoders (its VAE folder and text encoders) of a latent run."""
+  if config.data.encoder == "latents":
+    from sparse_context_jax.data.precompute import Latents
+    info = Latents(config.data.path).info
+    return info.get("encoder_record") or {"image": unknown(info["encoders"]), "text": unknown(info["encoders"])}
+  image, text = run_encoders(config, cfg)
+  return {"image": image.record, "text": text.record}
 
 
 def pixel_batch(raw: dict, cfg: MMDiTConfig, image: ImageEncoder, text: TextEncoder) -> tuple[dict, tuple[int, int]]:

@@ -11,6 +11,8 @@ import os
 
 import orbax.checkpoint as ocp
 
+# The layout a run reader (convert/run.py) reads: <workdir>/checkpoints/<step>/{state, data, meta}.
+from sparse_context_jax.convert.run import CHECKPOINTS
 # The project's one checkpoint error (also raised by `load_model` when a run starts from a converted checkpoint).
 from sparse_context_jax.errors import CheckpointError  # noqa: F401
 
@@ -20,7 +22,7 @@ class RunCheckpoints:
   (what accumulates over steps, e.g. the keep-ratio histogram)."""
 
   def __init__(self, workdir: str | os.PathLike, keep: int):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import ml_collections
 
-from sparse_context_jax.model.config import MMDiTConfig, preset
+from sparse_context_jax.convert.run import run_model_config
+from sparse_context_jax.model.config import MMDiTConfig
 
 
 class ConfigError(ValueError):
@@ -136,7 +137,7 @@ def resume_changes(stored: dict, new: dict) -> tuple[dict, list[str]]:
 
 def model_config(config) -> MMDiTConfig:
   try:
-    return preset(config.model.preset).replace(**dict(config.model.arch))
+    return run_model_config(config)
   except (TypeError, ValueError) as e:
     raise ConfigError(f"model: {e}") from None
 

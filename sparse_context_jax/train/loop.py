@@ -20,11 +20,13 @@ import grain
 import jax
 import numpy as np
 
+from sparse_context_jax.convert.output import atomic_output
+from sparse_context_jax.convert.run import ENCODERS_FILE
 from sparse_context_jax.data.latent_pipeline import make_latent_pipeline
 from sparse_context_jax.data.pipeline import make_pipeline
 from sparse_context_jax.parallel import batch_sharding, make_mesh
 from sparse_context_jax.progress import progress
-from sparse_context_jax.train.batches import latent_batch, pixel_batch, run_encoders
+from sparse_context_jax.train.batches import latent_batch, pixel_batch, run_encoder_record, run_encoders
 from sparse_context_jax.train.checkpoint import RunCheckpoints
 from sparse_context_jax.train.config import ConfigError, model_config, resume_changes, validate
 from sparse_context_jax.train.metrics import MetricsWriter
@@ -178,6 +180,9 @@ def _start(config, cfg, mesh, workdir: str, config_json: str):
     to_model = lambda raw: pixel_batch(raw, cfg, image, text)
   data = iter(pipeline)
 
+  if jax.process_index() == 0:
+    _record_encoders(workdir, run_encoder_record(config, cfg))
+
   # ---- Model and train state: resume, else initialise (from a converted checkpoint or at random) -------------
   static = setup(config, cfg, mesh)
   ckpt = RunCheckpoints(workdir, config.checkpoint.keep)
@@ -203,6 +208,13 @@ def _start(config, cfg, mesh, workdir: str, config_json: str):
   if changed:
     log.write({"event": "resume_config", "step": start, "changed": changed})
   return state, data, ckpt, log, static, to_model, ratios
+
+
+def _record_encoders(workdir: str, record: dict) -> None:
+  """Writes (atomically) what the run's tokens and text come from (`ENCODERS_FILE`): `generate --model RUN_DIR`
+  builds the same encoders again."""
+  with atomic_output(os.path.join(workdir, ENCODERS_FILE), force=True, directory=False) as tmp:
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
 
 
 def _check_process_rows(mesh, batch: int) -> None:
