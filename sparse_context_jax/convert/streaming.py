@@ -3,8 +3,8 @@ read and written as they go.
 
 A group is every rule of the unstacked variables (embedders, shared modulations, final layer; a whole VAE), or
 every rule of one layer of one block stack. Converting a group reads only its torch tensors, so host memory holds
-a few layers (two read buffers, the group being converted, those being written: 512 MiB by default; the largest group,
-a FLUX.2-dev single block, is ~1 GB in bfloat16) whatever the checkpoint size. Three stages overlap: a group is
+a few layers (two read buffers, the group being converted, those being written: 512 MiB by default; the largest
+group, a FLUX.2-dev single block, is ~1 GB in bfloat16) whatever the checkpoint size. Three stages overlap: a group is
 converted while the next one is read (into a second read buffer) and the previous ones are written.
 """
 
