@@ -10,6 +10,7 @@ converted while the next one is read (into a second read buffer) and the previou
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import os
@@ -109,12 +110,17 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, dtype:
     # Three stages at once: the next group is read while this one is converted and earlier ones are written.
     with atomic_output(out, force=force, directory=True) as tmp, CheckpointWriter(tmp, cfg) as writer, \
         _bar(total, f"convert {Path(source.description).name}", progress) as bar, \
-        contextlib.closing(source.read_groups([g.torch_keys for g in groups])) as reads:
+        contextlib.closing(source.read_groups([g.torch_keys for g in groups])) as reads, \
+        concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenizer-check") as checker:
+      checked = None   # the tokenizer's check (importing transformers takes seconds) runs beside the weights
       if tokenizer is not None:
         copy_tokenizer(tokenizer, tmp / TOKENIZER_DIR)
-        check_tokenizer(tmp / TOKENIZER_DIR, cfg.vocab_size, f"{source.description} ({kind.noun})")
+        checked = checker.submit(check_tokenizer, tmp / TOKENIZER_DIR, cfg.vocab_size,
+                                 f"{source.description} ({kind.noun})")
       done = 0
       for g, tensors in zip(groups, reads):
+        if checked is not None and checked.done():
+          checked.result()   # a bad tokenizer stops the conversion as soon as it is known
         # Bounded memory: wait for earlier groups' writes while this one's parameters would overflow the budget.
         writer.room(sum(source.nbytes(k) // source.dtype(k).itemsize for k in g.torch_keys) * out_dtype.itemsize)
         params = {}
@@ -126,6 +132,8 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, dtype:
         del tensors
         writer.add({stored_path(k, g.layer): v for k, v in params.items()})
         del params
+      if checked is not None:
+        checked.result()
       writer.finish()
   finally:
     source.close()
