@@ -140,3 +140,36 @@ def test_flux1_pipeline_with_clip_and_t5(tmp_path):
   assert text_ref.rel_err(got, want.last_hidden_state.numpy()) <= 1e-5
   assert model_params(load_model(out)).keys() == params_from_state_dict(
       ref.config_of(torch_model("flux1-kontext")), ref.state_dict(torch_model("flux1-kontext"))).keys()
+
+
+def test_a_klein_kv_pipeline_converts_to_a_kv_model_and_exports_as_one(tmp_path):
+  from sparse_context_jax.convert import convert_checkpoint, export_checkpoint
+  from sparse_context_jax.convert.checkpoint import read_config
+  from sparse_context_jax.convert.safetensors_io import SafetensorsFile
+  root, out = tmp_path / "pipe", tmp_path / "out"
+  write_pipeline(root, text_encoder=False)
+  convert_pipeline(root, tmp_path / "plain")   # the same folder named Flux2KleinPipeline: a joint model
+  assert read_config(tmp_path / "plain" / "transformer").reference_attention == "joint"
+  index = json.loads((root / "model_index.json").read_text())
+  (root / "model_index.json").write_text(json.dumps({**index, "_class_name": "Flux2KleinKVPipeline"}))
+  convert_pipeline(root, out)
+  cfg = read_config(out / "transformer")
+  assert cfg.reference_attention == "kv" and load_model(out).config == cfg
+  assert cfg.replace(reference_attention="joint") == read_config(tmp_path / "plain" / "transformer")
+  want = model_params(load_model(out))
+  # export keeps the KV config (safetensors metadata), convert reads it back; the tiny test shapes are no released
+  # architecture, so the file sits beside the diffusers config.json (which cannot say "kv")
+  for layout in ("bfl", "diffusers"):
+    (tmp_path / layout).mkdir()
+    (tmp_path / layout / "config.json").write_text(json.dumps(cfg.to_diffusers()))
+    file = tmp_path / layout / "model.safetensors"
+    export_checkpoint(out / "transformer", file, layout=layout)
+    f = SafetensorsFile(file)
+    assert f.metadata == {"format": "pt", "reference_attention": "kv"}
+    f.close()
+    assert convert_checkpoint(tmp_path / layout, tmp_path / f"back-{layout}") == cfg
+    got = model_params(load_model(tmp_path / f"back-{layout}"))
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+  export_checkpoint(tmp_path / "plain" / "transformer", tmp_path / "bfl" / "model.safetensors", layout="bfl",
+                    force=True)
+  assert convert_checkpoint(tmp_path / "bfl", tmp_path / "back-plain").reference_attention == "joint"

@@ -144,3 +144,33 @@ def test_sharded_equals_unsharded(tmp_path):
       a, b = np.asarray(params[k]), np.asarray(v)
       rel = np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12)
       assert rel <= 1e-5, (mesh, k, rel)
+
+
+@pytest.mark.slow   # ~8 min on the loaded 2-core machine (three rungs compiled, twice); the fast check is below
+def test_kv_training_from_the_cli_learns_and_resumes(tmp_path):
+  """`train --config.model.arch.reference_attention=kv`: random-ratio dropping (two rungs) on the KV model, loss
+  finite and falling, a run stopped at its checkpoint and resumed equals the straight one."""
+  from sparse_context_jax.convert.checkpoint import read_config
+  from sparse_context_jax.train.metrics import read_metrics
+  flags = [f"--config.{o}" for o in FAST + ["objective.keep_low=0.25", "objective.keep_high=0.5", "train.steps=8",
+                                            "checkpoint.every=4", "train.lr=3e-3", "model.arch.reference_attention=kv"]]
+  run = lambda work, *more: cli.main(["train", "--config", TINY, "--workdir", str(tmp_path / work), *more, *flags])
+  assert run("a") == 0
+  assert run("b", "--steps", "4") == 0 and run("b") == 0
+  curve = lambda d: [(m["step"], m["loss"]) for m in read_metrics(tmp_path / d) if "loss" in m]
+  assert curve("a") == curve("b") and [s for s, _ in curve("a")] == list(range(1, 9))
+  losses = [loss for _, loss in curve("a")]
+  assert np.all(np.isfinite(losses)) and np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+  keeps = {m["keep"] for m in read_metrics(tmp_path / "a") if "loss" in m}
+  assert len(keeps) > 1 and keeps <= {0.25, 0.375, 0.5}, keeps   # random-ratio dropping: several rungs drawn
+  ckpts = sorted((tmp_path / "a" / "checkpoints").iterdir())
+  assert [p.name for p in ckpts] == ["4", "8"]
+
+
+def test_any_architecture_field_overrides_the_preset():
+  c = tiny("model.arch.reference_attention=kv")
+  assert C.model_config(c).reference_attention == "kv" and C.model_config(tiny()).reference_attention == "joint"
+  with pytest.raises(C.ConfigError, match="reference_attention='cache'"):
+    C.model_config(tiny("model.arch.reference_attention=cache"))
+  with pytest.raises(C.ConfigError, match="unknown config key 'model.arch.nope'"):
+    tiny("model.arch.nope=1")

@@ -29,6 +29,10 @@ MODEL_CLASSES = {"FluxTransformer2DModel", "Flux2Transformer2DModel", "Autoencod
 # The last hidden state each FLUX.2 pipeline reads of its Qwen3 / Mistral text encoder (klein: 9, 18, 27; dev: 10,
 # 20, 30): the layers after it are never run, so a pipeline's conversion keeps only these (unless --text-layers).
 LAST_TEXT_LAYER_READ = {"Flux2KleinPipeline": 27, "Flux2KleinKVPipeline": 27, "Flux2Pipeline": 30}
+# The pipelines that sample with a reference K/V cache: their transformer's config.json is a plain
+# Flux2Transformer2DModel one, so the pipeline class is what makes it `reference_attention="kv"` (sampled with
+# diffusers' default `ref_fixed_timestep=0`, the only one the pipeline uses, and this project's).
+REFERENCE_ATTENTION = {"Flux2KleinKVPipeline": "kv"}
 
 
 @dataclasses.dataclass
@@ -102,7 +106,7 @@ def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike, *, dtype: s
       if role == "convert":
         report.converted[name] = convert_checkpoint(
             root / name, tmp / name, dtype=dtype, progress=progress,
-            text_layers=cuts.get(name), note=lambda line, n=name: note(f"{n}: {line}"))
+            text_layers=cuts.get(name), reference_attention=REFERENCE_ATTENTION.get(report.pipeline), note=lambda line, n=name: note(f"{n}: {line}"))
       elif role == "copy":
         if name.startswith("tokenizer") or (why or "").endswith(("Tokenizer", "TokenizerFast")):
           copy_tokenizer(root / name, tmp / name)

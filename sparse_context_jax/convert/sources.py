@@ -19,11 +19,13 @@ BFL_PREFIX = "model.diffusion_model."  # BFL / ComfyUI single files; stripped
 
 
 class TensorSource:
-  """Tensor names (BFL prefix stripped) -> the file holding them; `config` is the folder's config.json or None."""
+  """Tensor names (BFL prefix stripped) -> the file holding them; `config` is the folder's config.json or None;
+  `metadata` the union of the files' safetensors `__metadata__` string maps."""
 
   def __init__(self, description: str, files: dict[str, SafetensorsFile], where: dict[str, tuple[str, str]],
                config: dict | None):
     self.description, self.config = description, config
+    self.metadata = {k: v for f in files.values() for k, v in f.metadata.items()}
     self._files, self._where = files, where  # where: name -> (file path, key in that file)
     self._arenas: list[np.ndarray | None] = [None, None]
 

@@ -67,7 +67,8 @@ def _bar(total_bytes: int, desc: str, enabled: bool | None):
 
 def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "float32",
                        config: str | None = None, force: bool = False, progress: bool | None = None,
-                       text_layers: int | None = None, note: Callable[[str], None] | None = None):
+                       text_layers: int | None = None, reference_attention: str | None = None,
+                       note: Callable[[str], None] | None = None):
   """Converts a PyTorch checkpoint (a FLUX transformer or VAE: file or diffusers folder, BFL or diffusers layout; a
   transformers text-encoder folder) into a directory `out` of `config.json` + an orbax checkpoint, in `dtype`
   ("float32" or "bfloat16"); a text encoder's tokenizer goes to `out/tokenizer`.
@@ -80,6 +81,9 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, dtype:
   Args:
     text_layers: keep only the first N layers of a Qwen3 / Mistral text encoder (a pipeline that reads hidden
       state N needs no later layer: FLUX.2 klein reads 9, 18, 27; FLUX.2 dev 10, 20, 30). Default: every layer.
+    reference_attention: a transformer's `MMDiTConfig.reference_attention` ("kv" for a `Flux2KleinKVPipeline`'s),
+      which neither a diffusers config.json nor the tensors record. Default: the file's safetensors metadata key
+      `reference_attention` (`export` writes it), else the config's own. `config` (a --config file) wins over both.
   """
   note = note or (lambda line: print(f"note: {line}", file=sys.stderr))
   if dtype not in OUTPUT_DTYPES:
@@ -94,6 +98,9 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, dtype:
     shapes = {k: source.shape(k) for k in keys}
     cfg = _cut(kind.resolve_config(shapes, layout, source.description, source.config, config), kind, text_layers,
                source.description)
+    cfg = _reference_attention(cfg, kind, reference_attention if config is None else None,
+                               None if config is not None else source.metadata.get(REFERENCE_ATTENTION_KEY),
+                               source.description)
     unread = kind.unread_keys(cfg, layout, keys)
     keys = [k for k in keys if k not in unread]
     spec = ModelSpec(cfg)
@@ -141,6 +148,20 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, dtype:
     names = [k for k, w in unread.items() if w == why]
     note(f"skipped {len(names)} tensor(s) never read ({why}): {format_keys(names, limit=3)}")
   return cfg
+
+
+REFERENCE_ATTENTION_KEY = "reference_attention"   # safetensors metadata of an exported KV transformer
+
+
+def _reference_attention(cfg, kind, given: str | None, stored: str | None, what: str):
+  """`cfg` with the reference attention of a KV model (`given` by the caller, else `stored` in the file)."""
+  mode = given if given is not None else stored
+  if mode is None or kind.name != "transformer":
+    return cfg
+  try:
+    return cfg.replace(reference_attention=mode)
+  except ValueError as e:
+    raise CheckpointError(f"{what}: {e}") from None
 
 
 def _cut(cfg, kind, text_layers: int | None, what: str):
@@ -193,7 +214,10 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, layout
   total = sum(int(np.prod(s)) * dtype.itemsize for _, _, s in entries)
   with atomic_output(out, force=force, directory=False) as tmp, \
       _bar(total, f"export {Path(out).name}", progress) as bar:
-    writer, done = SafetensorsWriter(tmp, entries, {"format": "pt"}), 0
+    metadata = {"format": "pt"}
+    if getattr(cfg, "reference_attention", "joint") != "joint":   # a KV transformer: `convert` reads it back
+      metadata[REFERENCE_ATTENTION_KEY] = cfg.reference_attention
+    writer, done = SafetensorsWriter(tmp, entries, metadata), 0
     for g in groups:
       params = weights.read(g.param_keys, g.layer)
       for rule, fmt in g.rules:

@@ -6,6 +6,7 @@ Everything a user can get wrong in a config is checked here, before a model is b
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import math
 import sys
@@ -59,9 +60,13 @@ def override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
     if not isinstance(node, ml_collections.ConfigDict) or name not in node:
       raise ConfigError(f"unknown config key {'.'.join(parents[:i + 1])!r} (in --config.{key})")
     node = node[name]
-  if not isinstance(node, (ml_collections.ConfigDict, dict)) or leaf not in node:
+  if isinstance(node, (ml_collections.ConfigDict, dict)) and leaf in node:
+    old = node[leaf]
+  elif parents == ["model", "arch"] and leaf in {f.name for f in dataclasses.fields(MMDiTConfig)}:
+    old = getattr(model_config(config), leaf)   # any architecture field overrides the preset's (e.g. reference_attention)
+  else:
     raise ConfigError(f"unknown config key {key!r}")
-  old, value = node[leaf], _parse_value(text)
+  value = _parse_value(text)
   if isinstance(old, bool) and isinstance(value, str) and value.lower() in ("true", "false"):
     value = value.lower() == "true"
   if isinstance(old, (tuple, list)) and isinstance(value, (int, float)) and not isinstance(value, bool):
