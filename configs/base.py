@@ -7,6 +7,7 @@ Not meant to run by itself at full size on a laptop: see configs/tiny.py for the
 
 import ml_collections
 
+from sparse_context_jax.lora import DEFAULT_TARGETS
 from sparse_context_jax.parallel.rules import DEFAULT_RULES
 from sparse_context_jax.sparse.buckets import DEFAULT_RATIOS
 
@@ -25,6 +26,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.scan_layers = True
   c.model.remat = "dots_no_batch"             # none | full | dots | dots_no_batch
   c.model.attention_impl = ""                 # "" (jax default) | xla | cudnn | splash (TPU) | auto
+
+  c.lora = ml_collections.ConfigDict()        # sparse_context_jax/lora: adapters over frozen base weights
+  c.lora.rank = 0                             # 0 = full fine-tune; > 0: train only the LoRA factors
+  c.lora.alpha = 16.0                         # scale alpha / rank
+  c.lora.targets = DEFAULT_TARGETS            # regexes over Linear module paths (lora.MLP_TARGETS, MODULATION_TARGETS)
 
   c.mesh = (-1, 1, 1)                         # (data, fsdp, tensor); -1 fills with the remaining devices
   c.sharding_rules = dict(DEFAULT_RULES)      # logical axis -> mesh axis (None = replicated)

@@ -92,7 +92,8 @@ def write_json(path: str, plans, topology, config) -> None:
                "mesh": list(mesh_shape(config.mesh, topology.chips)), "preset": config.model.preset,
                "batch_size": config.train.batch_size, "resolution": config.data.resolution,
                "max_refs": config.data.max_refs, "txt_len": config.data.txt_len,
-               "attention_impl": config.model.attention_impl, "remat": config.model.remat, "rungs": rows}, f, indent=1)
+               "attention_impl": config.model.attention_impl, "remat": config.model.remat,
+               "lora_rank": config.lora.rank, "rungs": rows}, f, indent=1)
 
 
 def run(args) -> int:

@@ -51,6 +51,10 @@ class Linear(nnx.Module):
     y = jax.lax.dot_general(x.astype(self.dtype), kernel, (contract, ((), ())))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
+    if getattr(self, "lora_a", None) is not None:   # an adapter attached by sparse_context_jax.lora
+      a, b = self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype)
+      u = jax.lax.dot_general(x.astype(self.dtype), a, (contract, ((), ())))
+      y = y + self.lora_scale * jax.lax.dot_general(u, b, (((u.ndim - 1,), (0,)), ((), ())))
     return y
 
 

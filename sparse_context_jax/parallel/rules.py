@@ -22,6 +22,7 @@ DEFAULT_RULES: dict[str, str | None] = {
     "embed": "fsdp", "embed_in": None, "heads": "tensor", "head_dim": None, "qkv": None, "mlp": "tensor",
     "mod": None, "channels": None, "context": None,
     "kv_heads": "tensor", "vocab": None, "positions": None, "buckets": None,
+    "lora_rank": None,   # LoRA factors: A over embed (fsdp), B over heads / mlp (tensor); the rank stays whole
 }
 
 

@@ -1,6 +1,8 @@
 """The train state and where it lives: model definition, optimizer, and the shardings of everything.
 
-The state is a dict pytree `{params, opt, ema?, rng, step}` of pure arrays (what `jax.jit` and orbax see);
+The state is a dict pytree `{params, opt, ema?, rng, step}` of pure arrays (what `jax.jit` and orbax see); with
+LoRA (`config.lora.rank > 0`) it is `{params, lora, opt, ema?, rng, step}`: `params` the frozen base (same tree
+as without LoRA, in `model.param_dtype`), `opt` and `ema` over `lora` only;
 the model structure stays on the host as an `nnx` graphdef and is merged back inside the step. Parameters start
 at random or from a converted checkpoint (`load_params`), read straight into their train shardings.
 """
@@ -15,6 +17,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from sparse_context_jax import lora as lora_lib
 from sparse_context_jax.errors import CheckpointError
 from sparse_context_jax.model.blocks import resolve_attention
 from sparse_context_jax.model.config import MMDiTConfig
@@ -44,8 +47,30 @@ def schedule(train) -> optax.Schedule:
 
 
 def _decay_mask(params):
-  """Weight decay on matrices only: never on norm scales and biases."""
-  return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
+  """Weight decay on matrices only (kernels, LoRA factors): never on norm scales and biases."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in ("kernel", "lora_a", "lora_b"), params)
+
+
+def lora_config(config):
+  """`config.lora` when LoRA is on (rank > 0), else None."""
+  c = config.get("lora")
+  return c if lora_lib.enabled(c) else None
+
+
+def build_model(config, cfg: MMDiTConfig, seed: int, platform: str | None = None) -> MMDiT:
+  """The MMDiT of a config, its LoRA attached when `config.lora` is on (A from a key of its own, so the base
+  parameters are those of the model without LoRA)."""
+  model = MMDiT(cfg, rngs=nnx.Rngs(seed), **model_kwargs(config, platform))
+  if lora_config(config) is not None:
+    lora_lib.attach(model, lora_config(config), nnx.Rngs(jax.random.fold_in(jax.random.key(seed), 0x10A)))
+  return model
+
+
+def split_state(model):
+  """(graphdef, base params, LoRA params or None) of a model, as pure dicts."""
+  graphdef, lora, params = nnx.split(model, nnx.LoRAParam, nnx.Param)
+  lora = lora.to_pure_dict() or None
+  return graphdef, params, lora
 
 
 def optimizer(train) -> optax.GradientTransformation:
@@ -68,19 +93,25 @@ class Setup:
 def setup(config, cfg: MMDiTConfig, mesh: Mesh) -> Setup:
   """The abstract state and its shardings, computed without allocating a parameter."""
   platform = mesh.devices.flat[0].platform
-  abstract_model = nnx.eval_shape(lambda: MMDiT(cfg, rngs=nnx.Rngs(0), **model_kwargs(config, platform)))
-  graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
-  param_sh = param_shardings(mesh, abstract_params, dict(config.sharding_rules)).to_pure_dict()
-  params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), abstract_params.to_pure_dict())
-  tx = optimizer(config.train)
-  opt = jax.eval_shape(tx.init, params)
-  # Moments follow their parameter; scalars (counts) are replicated (optax would put them on device 0).
-  opt_sh = _like_params(opt, params, param_sh, replicated(mesh))
-  shardings = {"params": param_sh, "opt": opt_sh, "rng": replicated(mesh), "step": replicated(mesh)}
-  abstract = {"params": params, "opt": opt, "rng": jax.eval_shape(lambda: jax.random.key_data(
+  abstract_model = nnx.eval_shape(lambda: build_model(config, cfg, 0, platform))
+  graphdef, abstract_lora, abstract_params = nnx.split(abstract_model, nnx.LoRAParam, nnx.Param)
+  rules = dict(config.sharding_rules)
+  pure = lambda st: jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), st.to_pure_dict())
+  param_sh = param_shardings(mesh, abstract_params, rules).to_pure_dict()
+  params = pure(abstract_params)
+  shardings = {"params": param_sh, "rng": replicated(mesh), "step": replicated(mesh)}
+  abstract = {"params": params, "rng": jax.eval_shape(lambda: jax.random.key_data(
       jax.random.key(0))), "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  trained, trained_sh = params, param_sh
+  if lora_config(config) is not None:   # the optimizer and the EMA see the LoRA factors only
+    trained, trained_sh = pure(abstract_lora), param_shardings(mesh, abstract_lora, rules).to_pure_dict()
+    shardings["lora"], abstract["lora"] = trained_sh, trained
+  tx = optimizer(config.train)
+  opt = jax.eval_shape(tx.init, trained)
+  # Moments follow their parameter; scalars (counts) are replicated (optax would put them on device 0).
+  shardings["opt"], abstract["opt"] = _like_params(opt, trained, trained_sh, replicated(mesh)), opt
   if config.train.ema_decay:
-    shardings["ema"], abstract["ema"] = param_sh, params
+    shardings["ema"], abstract["ema"] = trained_sh, trained
   abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings)
   return Setup(graphdef, abstract, shardings, tx, mesh)
 
@@ -137,13 +168,15 @@ def init_state(config, cfg: MMDiTConfig, static: Setup, params=None) -> dict:
   """A fresh state, created directly in its shardings: random parameters from `config.seed`, or `params`
   (already sharded, e.g. from `load_params`; donated: they become the state's parameters without a copy)."""
   def make(p):
-    if p is None:
-      model = MMDiT(cfg, rngs=nnx.Rngs(config.seed), **model_kwargs(config))
-      p = nnx.state(model, nnx.Param).to_pure_dict()
-    state = {"params": p, "opt": static.tx.init(p), "step": jnp.zeros((), jnp.int32),
+    _, base, lora = split_state(build_model(config, cfg, config.seed))
+    p = base.to_pure_dict() if p is None else p   # unused random base weights are never computed (dead code)
+    trained = p if lora is None else lora
+    state = {"params": p, "opt": static.tx.init(trained), "step": jnp.zeros((), jnp.int32),
              "rng": jax.random.key_data(jax.random.key(config.seed))}
+    if lora is not None:
+      state["lora"] = lora
     if config.train.ema_decay:
-      state["ema"] = jax.tree.map(jnp.copy, p)
+      state["ema"] = jax.tree.map(jnp.copy, trained)
     return state
 
   return jax.jit(make, out_shardings=static.shardings, donate_argnums=0)(params)

@@ -30,24 +30,28 @@ def train_step(state: dict, batch: dict, *, graphdef, tx, config, rung: Rung):
   # sums the same per-example losses (up to float rounding).
   batch = {**batch, **draw_noise(objective, key, batch, rung.grids[0])}
 
-  def loss(params, micro):
-    model = nnx.merge(graphdef, params)
+  # Full fine-tune: the gradient is over `params`; LoRA: over `lora`, the base `params` frozen (a constant here).
+  trained = "lora" if "lora" in state else "params"
+
+  def loss(weights, micro):
+    parts = (state["params"], weights) if trained == "lora" else (weights,)
+    model = nnx.merge(graphdef, *parts)
     return loss_sums(model, objective, micro, rung)
 
   grad_fn = jax.value_and_grad(loss, has_aux=True)
 
   def accumulate(carry, micro):
-    (lsum, wsum), g = grad_fn(state["params"], micro)
+    (lsum, wsum), g = grad_fn(state[trained], micro)
     gsum, ltot, wtot = carry
     return (jax.tree.map(jnp.add, gsum, g), ltot + lsum, wtot + wsum), None
 
-  zeros = jax.tree.map(jnp.zeros_like, state["params"])
+  zeros = jax.tree.map(jnp.zeros_like, state[trained])
   (gsum, lsum, wsum), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), _micro_batches(batch, train.grad_accum))
   denom = jnp.maximum(wsum, 1.0)
   grads = jax.tree.map(lambda g: g / denom, gsum)
-  updates, opt = tx.update(grads, state["opt"], state["params"])
-  params = optax.apply_updates(state["params"], updates)
-  new = {**state, "params": params, "opt": opt, "step": state["step"] + 1}
+  updates, opt = tx.update(grads, state["opt"], state[trained])
+  params = optax.apply_updates(state[trained], updates)
+  new = {**state, trained: params, "opt": opt, "step": state["step"] + 1}
   if "ema" in state:
     d = train.ema_decay
     new["ema"] = jax.tree.map(lambda e, p: d * e + (1 - d) * p.astype(e.dtype), state["ema"], params)
