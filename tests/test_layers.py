@@ -8,7 +8,8 @@ import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "sparse_context_jax"
 # Lowest first. A module may import from its own part and from parts before it.
-LAYERS = ["errors", "progress", "compile_cache", "programs", "parallel", "model", "text", "images", "sparse", "convert", "encoders",
+LAYERS = ["errors", "progress", "compile_cache", "programs", "parallel", "model", "text", "images", "sparse", "convert",
+          "lora", "encoders",
           "sampling", "data", "generate", "train", "plan", "cli", "commands", "__init__", "__main__"]
 
 
@@ -44,6 +45,7 @@ def test_one_place_splits_modules_for_jit():
   splits the abstract model once); nowhere else."""
   splitters = sorted(str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py") if "nnx.split(" in p.read_text())
   # mmdit.py and text/stack.py split a layer stack for lax.scan; convert/checkpoint.py an abstract module to restore
-  # its state.
-  allowed = {"programs.py", "train/state.py", "model/mmdit.py", "convert/checkpoint.py", "text/stack.py"}
+  # its state; lora/__init__.py the train state's abstract model into frozen base and trainable LoRA params.
+  allowed = {"programs.py", "train/state.py", "model/mmdit.py", "convert/checkpoint.py", "text/stack.py",
+             "lora/__init__.py"}
   assert set(splitters) <= allowed, sorted(set(splitters) - allowed)

@@ -17,7 +17,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from sparse_context_jax import lora as lora_lib
+import sparse_context_jax.lora as lora_lib
 from sparse_context_jax.errors import CheckpointError
 from sparse_context_jax.model.blocks import resolve_attention
 from sparse_context_jax.model.config import MMDiTConfig
