@@ -94,6 +94,16 @@ def test_tiny_plan_memory_and_shardings(topology, mesh):
   assert plan.param_specs[qkv][:5] == (None, "fsdp" if mesh[1] > 1 else None, None, "tensor", None)
 
 
+def test_lora_plan_holds_the_optimizer_state_of_the_adapters_only():
+  top = parse_topology("v5e:2x2")
+  (full,) = plan_train(tiny("mesh=(1, 4, 1)"), top, ratios=(1.0,))
+  (lora,) = plan_train(tiny("mesh=(1, 4, 1)", "lora.rank=4"), top, ratios=(1.0,))
+  assert lora.params_bytes == full.params_bytes      # the frozen base, the same tree in the same shardings
+  assert 0 < lora.opt_bytes < full.opt_bytes / 4     # Adam over the rank-4 factors, not the base
+  assert lora.params_bytes + lora.opt_bytes + lora.batch_bytes < lora.argument_bytes < full.argument_bytes
+  assert not lora.error and lora.estimate is not None
+
+
 def _plan(*args, timeout=600):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
   return subprocess.run([sys.executable, "-m", "sparse_context_jax", "plan", *args], env=env, capture_output=True,
