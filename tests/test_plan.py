@@ -94,6 +94,7 @@ def test_tiny_plan_memory_and_shardings(topology, mesh):
   assert plan.param_specs[qkv][:5] == (None, "fsdp" if mesh[1] > 1 else None, None, "tensor", None)
 
 
+@pytest.mark.slow
 def test_lora_plan_holds_the_optimizer_state_of_the_adapters_only():
   top = parse_topology("v5e:2x2")
   (full,) = plan_train(tiny("mesh=(1, 4, 1)"), top, ratios=(1.0,))
