@@ -106,7 +106,8 @@ def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike, *, dtype: s
       if role == "convert":
         report.converted[name] = convert_checkpoint(
             root / name, tmp / name, dtype=dtype, progress=progress,
-            text_layers=cuts.get(name), reference_attention=REFERENCE_ATTENTION.get(report.pipeline), note=lambda line, n=name: note(f"{n}: {line}"))
+            text_layers=cuts.get(name), reference_attention=REFERENCE_ATTENTION.get(report.pipeline),
+            note=lambda line, n=name: note(f"{n}: {line}"))
       elif role == "copy":
         if name.startswith("tokenizer") or (why or "").endswith(("Tokenizer", "TokenizerFast")):
           copy_tokenizer(root / name, tmp / name)

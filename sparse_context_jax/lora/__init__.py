@@ -149,9 +149,3 @@ def _n_in(a, b, kernel) -> int:
   n_out = kernel.ndim - n_in_plus_lead
   lead = b.ndim - 1 - n_out
   return n_in_plus_lead - lead
-
-
-def split_model(model: nnx.Module):
-  """(graphdef, base params State, LoRA State) of a model with LoRA attached."""
-  graphdef, lora, params = nnx.split(model, nnx.LoRAParam, nnx.Param)
-  return graphdef, params, lora

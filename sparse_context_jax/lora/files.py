@@ -17,13 +17,15 @@ import os
 
 import numpy as np
 
+from sparse_context_jax.convert.output import atomic_output
 from sparse_context_jax.convert.rules import LinearRule, _blocks, _kernel_2d, layer_formats
 from sparse_context_jax.lora import modules, scale
 
 PREFIX = {"diffusers": "transformer.", "bfl": "diffusion_model."}
 
 
-def torch_factors(lora_params: dict, lora_cfg, model_config, layout: str) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
+def torch_factors(lora_params: dict, lora_cfg, model_config,
+                  layout: str) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
   """{torch module name: (lora_A (k r, in), lora_B (out, k r), k)}: k of our LoRA modules joined in it."""
   from sparse_context_jax.convert.state_dict import ModelSpec
   spec = ModelSpec(model_config)
@@ -68,19 +70,19 @@ def export_lora(lora_params: dict, lora_cfg, model_config, out: str | os.PathLik
   if layout not in PREFIX:
     raise ValueError(f"layout={layout!r}; expected 'diffusers' or 'bfl'")
   r, alpha, s = int(lora_cfg.rank), float(lora_cfg.alpha), scale(lora_cfg)
+  factors = torch_factors(lora_params, lora_cfg, model_config, layout)
   tensors, rank_pattern, alpha_pattern = {}, {}, {}
-  for name, (A, B, k) in torch_factors(lora_params, lora_cfg, model_config, layout).items():
+  for name, (A, B, k) in factors.items():
     key = PREFIX[layout] + name
     tensors[f"{key}.lora_A.weight"] = np.ascontiguousarray(A)
     tensors[f"{key}.lora_B.weight"] = np.ascontiguousarray(B * s if layout == "bfl" else B)
     if k > 1:
       rank_pattern[name], alpha_pattern[name] = k * r, k * alpha
   peft = {"r": r, "lora_alpha": alpha, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-          "target_modules": sorted({n for n in torch_factors(lora_params, lora_cfg, model_config, layout)})}
+          "target_modules": sorted(factors)}
   meta = {"format": "pt", "sparse_context_jax.lora": json.dumps({"rank": r, "alpha": alpha, "layout": layout,
                                                                   "targets": list(lora_cfg.targets)})}
   if layout == "diffusers":
     meta["lora_adapter_metadata"] = json.dumps({f"transformer.{k}": v for k, v in peft.items()}, sort_keys=True)
-  tmp = f"{out}.partial"
-  save_file(tensors, tmp, metadata=meta)
-  os.replace(tmp, out)
+  with atomic_output(out, force=True, directory=False) as tmp:   # nothing at `out` unless the whole file is written
+    save_file(tensors, str(tmp), metadata=meta)
