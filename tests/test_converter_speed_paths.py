@@ -15,6 +15,7 @@ from conftest import torch_model
 from sparse_context_jax import load_model
 from sparse_context_jax.convert import convert_checkpoint, model_params, params_from_state_dict
 from sparse_context_jax.convert import checkpoint as checkpoint_lib
+from sparse_context_jax.convert import arrays
 from sparse_context_jax.convert.arrays import converted
 from sparse_context_jax.convert.safetensors_io import ALIGN, SafetensorsFile, save_file
 from sparse_context_jax.convert.sources import open_source
@@ -29,7 +30,11 @@ def _bits(a: np.ndarray) -> bytes:
 
 @pytest.mark.parametrize("src_dtype", [BF16, np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("dst_dtype", [BF16, np.float32])
-def test_tiled_transposes_and_casts_equal_numpy_bit_for_bit(src_dtype, dst_dtype):
+@pytest.mark.parametrize("tiles", ["one", "many, two threads"])
+def test_tiled_transposes_and_casts_equal_numpy_bit_for_bit(src_dtype, dst_dtype, tiles, monkeypatch):
+  if tiles != "one":   # several row tiles, ragged at the end, split over the two transposing threads
+    monkeypatch.setattr(arrays, "ROWS", 7)
+    monkeypatch.setattr(arrays, "PARALLEL_BYTES", 0)
   rng = np.random.default_rng(0)
   itemsize = np.dtype(src_dtype).itemsize
   raw = rng.integers(0, 256, (77, 130 * itemsize), dtype=np.uint8)   # every bit pattern: NaNs, infs, subnormals
