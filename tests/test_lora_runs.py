@@ -47,7 +47,7 @@ def test_read_run_of_a_lora_run_is_its_base_with_its_lora_merged(lora_run):
   assert run.info.lora and run.step == 4
   assert_bitwise(run.params, merged(final, config))
   assert_bitwise(read_run(workdir, ema=True).params, merged(final, config, "ema"))
-  assert_bitwise(nnx.state(load_model(workdir, ema=True), nnx.Param).to_pure_dict(), merged(final, config, "ema"))
+  assert_bitwise(nnx.to_pure_dict(nnx.state(load_model(workdir, ema=True), nnx.Param)), merged(final, config, "ema"))
   assert_bitwise(read_lora(open_run(workdir)), final["lora"])
   assert_bitwise(read_lora(open_run(workdir, ema=True)), final["ema"])
   # The merge changed every targeted kernel (B trained away from zero), the stacked and the unstacked ones, and
@@ -74,7 +74,7 @@ def test_export_of_a_lora_run_converts_back_to_the_merged_parameters(lora_run, t
     assert cli.main(["export", workdir, str(out), "--layout", layout, *flags]) == 0
     assert cli.main(["convert", str(out), str(converted), "--config", str(tmp_path / "config.json")]) == 0
     assert read_config(converted) == cfg
-    assert_bitwise(nnx.state(load(converted), nnx.Param).to_pure_dict(), want)
+    assert_bitwise(nnx.to_pure_dict(nnx.state(load(converted), nnx.Param)), want)
   capsys.readouterr()
 
 
@@ -150,3 +150,23 @@ def test_export_lora_of_a_full_run_is_a_one_line_error(run, tmp_path, capsys):
   err = capsys.readouterr().err.strip()
   assert rc == 2 and "trained no LoRA (its config.lora.rank is 0): drop --lora" in err and "\n" not in err, err
   assert not os.path.exists(tmp_path / "x.safetensors")
+
+
+def test_read_lora_run_onto_a_mesh_keeps_the_train_shardings(lora_run):
+  """On a (2, 2, 2) mesh of 8 fake CPU devices, the base and the LoRA are read into their train shardings and merged
+  there: each merged parameter has the base's sharding and the merged values."""
+  import subprocess
+  import sys
+  from test_runs import ROOT, SHARDED
+  workdir, config, final = lora_run
+  script = SHARDED.format(root=ROOT, tiny=TINY, overrides=LORA, run=workdir)
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.split("RESULT", 1)[1])
+  assert all(r["same"] for r in out.values()), {k: r["spec"] for k, r in out.items() if not r["same"]}
+  assert "fsdp" in " ".join(r["spec"] for r in out.values())
+  want = leaves(merged(final, config, "ema"))
+  assert out.keys() == want.keys()
+  for k, r in out.items():   # merged on 8 devices (their own dot kernels): equal to float32 rounding
+    np.testing.assert_allclose(np.asarray(r["value"], np.float32), want[k], rtol=1e-6, atol=1e-7, err_msg=k)

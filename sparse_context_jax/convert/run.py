@@ -229,7 +229,7 @@ def read_params(run: RunStep, *, dtype=None, mesh: jax.sharding.Mesh | None = No
   got = _restore(run, targets)
   params = nnx.from_flat_state([(p, v.replace(got[(run.base, *map(str, p))])) for p, v in flat])
   if run.lora:
-    base = params.to_pure_dict()
+    base = nnx.to_pure_dict(params)
     lora = _nest({tuple(map(str, p)): got[(run.adapter, *map(str, p))] for p, _ in factors})
     merge = jax.jit(lambda b, f: lora_lib.merge_lora(b, f, run.lora_config), donate_argnums=0,
                     out_shardings=jax.tree.map(lambda a: a.sharding, base))
@@ -331,7 +331,7 @@ def read_run(path: str | os.PathLike, *, step: int | None = None, ema: bool = Fa
              mesh: jax.sharding.Mesh | None = None, rules: Mapping[str, str | None] = DEFAULT_RULES) -> Run:
   """The config, model and weights of a training run's step (see the module docstring); `open_run`'s errors."""
   info = open_run(path, step=step, ema=ema)
-  return Run(info, read_params(info, dtype=dtype, mesh=mesh, rules=rules).to_pure_dict())
+  return Run(info, nnx.to_pure_dict(read_params(info, dtype=dtype, mesh=mesh, rules=rules)))
 
 
 def load_run_model(path: str | os.PathLike, *, step: int | None = None, ema: bool = False, dtype=None,
