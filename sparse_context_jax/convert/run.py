@@ -291,19 +291,18 @@ class RunWeights:
     return {n: self._stack[1][n][layer] for n in names}
 
   def _read(self, names) -> dict[str, np.ndarray]:
-    """The parameters `names`, whole, with the factors of their LoRA modules folded in."""
+    """The parameters `names`, whole, with the factors of their LoRA modules folded in (on the host's CPU)."""
     run = self.run
-    mods = [m for m in self._lora_modules if f"{m}.kernel" in names]
+    factors = [f"{m}.{leaf}" for m in self._lora_modules if f"{m}.kernel" in names for leaf in ("lora_a", "lora_b")]
     paths = {n: (run.base, *n.split(".")) for n in names}
-    paths.update({f"lora:{m}.{leaf}": (run.adapter, *m.split("."), leaf) for m in mods
-                  for leaf in ("lora_a", "lora_b")})
-    got = _restore(run, {p: self.dtype for p in paths.values()})
-    params = {n: got[paths[n]] for n in names}
-    if mods:
+    factor_paths = {f: (run.adapter, *f.split(".")) for f in factors}
+    got = _restore(run, {p: self.dtype for p in [*paths.values(), *factor_paths.values()]})
+    params = {n: got[p] for n, p in paths.items()}
+    if factors:
       nest = lambda flat: jax.device_put(_nest({tuple(k.split(".")): v for k, v in flat.items()}), _host_device())
-      kernels = nest({f"{m}.kernel": params[f"{m}.kernel"] for m in mods})
-      factors = nest({f"{m}.{leaf}": got[paths[f"lora:{m}.{leaf}"]] for m in mods for leaf in ("lora_a", "lora_b")})
-      params.update(lora_lib.flat(jax.device_get(self._merge(kernels, factors))))
+      kernels = nest({f"{f.rsplit('.', 1)[0]}.kernel": params[f"{f.rsplit('.', 1)[0]}.kernel"] for f in factors})
+      merged = self._merge(kernels, nest({f: got[p] for f, p in factor_paths.items()}))
+      params.update(lora_lib.flat(jax.device_get(merged)))
     return params
 
 
