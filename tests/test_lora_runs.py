@@ -20,7 +20,7 @@ from sparse_context_jax.convert import load_model
 from sparse_context_jax.convert.run import open_run, read_lora, read_run
 from sparse_context_jax.lora.files import export_lora
 from sparse_context_jax.train import config as C
-from test_runs import RUN, TINY, assert_bitwise, leaves, run  # noqa: F401 (run: a full run's fixture)
+from test_runs import RUN, TINY, assert_bitwise, leaves
 
 LORA = RUN + ["lora.rank=4", "lora.alpha=8.0"]
 
@@ -124,7 +124,7 @@ def test_generate_from_a_lora_run_writes_pngs(lora_run, tmp_path):
 
 def test_export_lora_of_what_holds_no_lora_is_a_one_line_error(lora_run, tmp_path, capsys):
   """--lora on a converted checkpoint (the LoRA run's merged model exported and converted), export without
-  --layout, a bad layout or step with --lora: one line, no file."""
+  --layout, a bad layout or step with --lora: one line, no file (--lora on a full run: tests/test_runs.py)."""
   workdir, config, _ = lora_run
   cfg = C.model_config(config)
   (tmp_path / "config.json").write_text(json.dumps(cfg.to_diffusers()))
@@ -143,13 +143,6 @@ def test_export_lora_of_what_holds_no_lora_is_a_one_line_error(lora_run, tmp_pat
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("error: ") and message in err and "\n" not in err, (argv, err)
     assert not os.path.exists(tmp_path / "x.safetensors")
-
-
-def test_export_lora_of_a_full_run_is_a_one_line_error(run, tmp_path, capsys):
-  rc = cli.main(["export", run[0], str(tmp_path / "x.safetensors"), "--lora"])
-  err = capsys.readouterr().err.strip()
-  assert rc == 2 and "trained no LoRA (its config.lora.rank is 0): drop --lora" in err and "\n" not in err, err
-  assert not os.path.exists(tmp_path / "x.safetensors")
 
 
 def test_read_lora_run_onto_a_mesh_keeps_the_train_shardings(lora_run):
