@@ -141,6 +141,7 @@ def test_generate_from_a_run_writes_pngs_through_its_recorded_encoders(run, tmp_
     (["export", "{run}", "{tmp}/x.safetensors", "--layout", "bfl", "--step", "3"],
      "has no step 3 (its saved steps: 2, 4)"),
     (["export", "{run}/checkpoints/2", "{tmp}/x.safetensors", "--layout", "bfl", "--step", "4"], "is step 2"),
+    (["export", "{run}", "{tmp}/x.safetensors", "--lora"], "trained no LoRA (its config.lora.rank is 0): drop --lora"),
     (["generate", "{tmp}/jobs.jsonl", "--model", "{run}", "--step", "1"], "has no step 1"),
     (["generate", "{tmp}/jobs.jsonl", "--model", "{tmp}/empty", "--ema"], "has no checkpoint yet"),
     (["generate", "{tmp}/jobs.jsonl", "--random-model", "flux2-klein-4b", "--random-vae", "flux2", "--ema"],
