@@ -225,3 +225,30 @@ def test_requests_and_references_are_checked():
     packer.plan([Reference(latents, (32, 48))], SparseRequest("attention", keep=0.5))
   with pytest.raises(ValueError, match=r"attention mass has shape \(1, 5\), expected \(1, 6\)"):
     packer.plan([Reference(latents, (32, 48), attention=jnp.ones((1, 5)))], SparseRequest("attention", keep=0.5))
+
+
+# ---- generate -----------------------------------------------------------------------------------------------------
+def test_generate_jobs_with_the_attention_strategy_run_end_to_end(tmp_path):
+  import json
+
+  from test_generate import _generate, _world
+  jobs = _world(tmp_path, 3, strategy="attention", keep=0.25)
+  lines = [json.loads(l) for l in jobs.read_text().splitlines()]
+  del lines[2]["keep"]
+  lines[2].update(tau=0.5, attention_blocks=[0])           # adaptive budget, blocks given
+  lines.append({**lines[0], "attention_blocks": [3], "output": "out/bad.png"})        # the model has 1 double block
+  lines.append({**lines[0], "strategy": "grid", "attention_blocks": [0], "output": "out/bad2.png"})
+  jobs.write_text("\n".join(json.dumps(l) for l in lines) + "\n")
+  r = _generate(jobs)
+  assert r.returncode == 1   # the two bad lines
+  errors = [e for e in r.stderr.splitlines() if "attention_blocks" in e]
+  assert "attention_blocks=[3] must be indices of double blocks, in [0, 0]" in errors[0] and ":4:" in errors[0]
+  assert "attention_blocks go with the attention strategy, not 'grid'" in errors[1] and ":5:" in errors[1]
+  report = json.loads((tmp_path / "jobs.report.json").read_text())
+  assert [j["strategy"] for j in report["jobs"]] == ["attention"] * 3
+  for j in report["jobs"][:2]:   # 64x64 references: 16 tokens each, keep 1/4
+    assert j["kept_tokens"] == [4, 4] and j["bucket"] == 0.25
+    assert np.all(np.isfinite(np.load(j["output"][:-4] + ".npy")))
+  assert report["jobs"][2]["tau"] == 0.5 and 1 <= min(report["jobs"][2]["kept_tokens"])
+  # one scoring program for the three jobs (same shapes; blocks [0] are the default of a 1-block model)
+  assert sum(p["program"] == "attention" for p in report["programs"]) == 1
