@@ -3,8 +3,8 @@
 
 Per job (once): reference images -> tokens (the pipeline's image encoder), seeded noise, the plan of its sparse request
 (budgets, rung) and the strategy's scores (`attention`: one dense scoring pass of the first step, the job alone); all
-on the device. Per batch: the gather and the whole denoising loop
-in one program, then the decode. A job's result does not depend on its batch-mates: its noise comes from its seed.
+on the device. Per batch: the gather and the whole denoising loop in one program, then the decode. A job's result does
+not depend on its batch-mates: its noise comes from its seed.
 """
 
 from __future__ import annotations

@@ -11,10 +11,10 @@
 
 `attention_scores` is the `attention` strategy's scoring pass (`model.attention_mass`): one dense forward of the
 first double blocks at the first step, one program per shape (the budget is not an input). `generate` is one program
-per signature: the gather of the kept reference tokens (`sparse.pack_references`) and the
-whole denoising loop (the reference K/V loop when the model's config says `reference_attention="kv"`: the kept
-reference tokens run at the first step only). Reference tokens stay on the device from encoding to sampling; only
-the per-example budgets come to the host (to pick the rung). `generate(..., params=...)` runs other parameters of
+per signature: the gather of the kept reference tokens (`sparse.pack_references`) and the whole denoising loop (the
+reference K/V loop when the model's config says `reference_attention="kv"`: the kept reference tokens run at the
+first step only). Reference tokens stay on the device from encoding to sampling; only the per-example budgets come
+to the host (to pick the rung). `generate(..., params=...)` runs other parameters of
 the same model (a training run's). With a mesh, the model's state is replicated on it and `shard` puts batches on
 its `data` axis.
 """
