@@ -1,9 +1,10 @@
 """Batch generation over a `Pipeline`: jobs whose sampling programs have one signature share a batch, sharded over the
 `data` axis of the pipeline's mesh.
 
-Per job (once): reference images -> tokens (the pipeline's image encoder), the plan of its sparse request (budgets,
-rung) and the strategy's scores, seeded noise; all on the device. Per batch: the gather and the whole denoising loop
-in one program, then the decode. A job's result does not depend on its batch-mates: its noise comes from its seed.
+Per job (once): reference images -> tokens (the pipeline's image encoder), seeded noise, the plan of its sparse request
+(budgets, rung) and the strategy's scores (`attention`: one dense scoring pass of the first step, the job alone); all
+on the device. Per batch: the gather and the whole denoising loop in one program, then the decode. A job's result does
+not depend on its batch-mates: its noise comes from its seed.
 """
 
 from __future__ import annotations
@@ -70,6 +71,11 @@ def _optional(value, dtype=np.float32):
   return None if value is None else np.asarray(value, dtype)
 
 
+def _batch_of_one(value):
+  """A per-job scalar (or None) as a batch of one, float32."""
+  return None if value is None else np.asarray([value], np.float32)
+
+
 class Generator:
   """Runs jobs through `pipeline` in batches of `batch_size` (rounded up to a multiple of the device count)."""
 
@@ -105,9 +111,16 @@ class Generator:
     for pixels, mask in zip(job.reference_pixels(), job.mask_arrays()):
       refs.append(Reference(pipe.encode_references(pixels[None]), job.size, pixels=pixels[None],
                             mask=None if mask is None else mask[None]))
-    plan, scores = pipe.select(refs, job.request)
     n = token_grid(job.size)[0] * token_grid(job.size)[1]
     noise = jax.random.normal(jax.random.PRNGKey(job.seed), (n, self.cfg.in_channels), jnp.float32)
+    if "attention" in job.request.strategies:   # one dense scoring pass of the first step, this job alone
+      prompt = PromptEmbeddings(job.txt[None], None if job.y is None else job.y[None])
+      mass = pipe.attention_scores(noise[None], [r.latents for r in refs], prompt,
+                                   schedule_for(self.cfg, n, job.steps)[0], _batch_of_one(job.guidance),
+                                   target_grid=token_grid(job.size), grids=[r.grid for r in refs],
+                                   blocks=job.request.attention_blocks)
+      refs = [dataclasses.replace(r, attention=m) for r, m in zip(refs, mass)]
+    plan, scores = pipe.select(refs, job.request)
     p = Prepared(job, noise, [r.latents[0] for r in refs], [s[0] for s in scores], plan, ())
     static = self._inputs([p])[1]
     p.key = signature(jax.eval_shape(lambda: self._inputs([p])[0]), static)   # shapes only: nothing is stacked

@@ -6,6 +6,7 @@
      "masks": ["m.png", null],            # optional, one per reference, the size of its reference
      "task": "editing",                   # "editing" or "composition": picks the default strategy
      "strategy": "edge", "keep": 0.25,    # or "tau": 0.6; neither: dense references (keep 1)
+     "attention_blocks": [0, 4, 7],       # strategy "attention": double blocks to average (default: 3, spread)
      "size": [512, 512],                  # target (H, W), multiples of 16, at most MAX_PIXELS; references are
                                           # resized (centre crop) to it
      "steps": 4, "guidance": 3.5, "cfg": 4.0, "seed": 0,
@@ -29,13 +30,14 @@ import numpy as np
 
 from sparse_context_jax.encoders.base import unit_range
 from sparse_context_jax.images import ImageError, load_image, load_mask, resize_crop
+from sparse_context_jax.model.attention_mass import resolve_blocks
 from sparse_context_jax.model.config import MMDiTConfig
 from sparse_context_jax.model.positions import TOKEN_PIXELS
 from sparse_context_jax.sparse.pack import SparseRequest
 
 TASK_STRATEGY = {"editing": ("hybrid", "edge"), "composition": ("hybrid", "saliency")}
 FIELDS = {"prompt", "negative_prompt", "prompt_embeds", "references", "masks", "task", "strategy", "keep", "tau",
-          "size", "steps", "guidance", "cfg", "seed", "output"}
+          "size", "steps", "guidance", "cfg", "seed", "output", "attention_blocks"}
 MAX_PIXELS = 4 * 1024 * 1024   # per generated image: the FLUX.2 pipelines' 4-megapixel limit
 
 
@@ -140,6 +142,8 @@ def make_job(cfg: MMDiTConfig, *, line: int, output: Path | None, references: li
     negative_prompt = ""   # as the FLUX.2 pipelines
   if len(masks) != len(references):
     raise ValueError(f"{len(masks)} masks for {len(references)} references")
+  if "attention" in request.strategies:
+    resolve_blocks(cfg, request.attention_blocks)
   if size[0] * size[1] > MAX_PIXELS:
     raise ValueError(f"size={list(size)} is {size[0] * size[1] / 2**20:.1f} megapixels; at most "
                      f"{MAX_PIXELS / 2**20:g} (the FLUX.2 pipelines' limit)")
@@ -220,8 +224,12 @@ def parse_job(d, line: int, base: Path, cfg: MMDiTConfig, max_refs: int, force: 
   if keep is None and tau is None:
     keep = 1.0   # dense references
   seed = _number(d, "seed", int, 0, 0)
+  blocks = d.get("attention_blocks")
+  if blocks is not None and not isinstance(blocks, list):
+    raise ValueError(f"attention_blocks={blocks!r} must be a list of double-block indices")
   request = SparseRequest(d.get("strategy", TASK_STRATEGY[task][0]), keep=keep, tau=tau,
-                          hybrid_base=TASK_STRATEGY[task][1], seed=seed)
+                          hybrid_base=TASK_STRATEGY[task][1], seed=seed,
+                          attention_blocks=None if blocks is None else tuple(blocks))
   if "mask" in request.strategies and any(m is None for m in masks):
     raise ValueError(f"strategy {request.strategy!r} needs a mask for every reference")
   guidance, cfg_scale = _number(d, "guidance", float, None, 0.0), _number(d, "cfg", float, None, 0.0)

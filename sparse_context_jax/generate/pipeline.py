@@ -4,14 +4,17 @@
     tokens = pipe.encode_references(pixels)                       # (B, H, W, 3) in [-1, 1] -> (B, N_ref, C)
     refs = [Reference(tokens, (H, W), pixels=pixels)]
     plan, scores = pipe.select(refs, SparseRequest("edge", keep=0.25))   # budgets + rung (host), scores (device)
+    # the "attention" strategy: Reference(..., attention=pipe.attention_scores(noise, ...)[i]) first
     latents = pipe.generate(noise, sigmas, [r.latents for r in refs], scores, plan.budgets, prompt,
                             rung=plan.rung, target_grid=token_grid((H, W)))
     pixels = pipe.decode(latents, (H, W))
 
-`generate` is one program per signature: the gather of the kept reference tokens (`sparse.pack_references`) and the
-whole denoising loop (the reference K/V loop when the model's config says `reference_attention="kv"`: the kept
-reference tokens run at the first step only). Reference tokens stay on the device from encoding to sampling; only
-the per-example budgets come to the host (to pick the rung). `generate(..., params=...)` runs other parameters of
+`attention_scores` is the `attention` strategy's scoring pass (`model.attention_mass`): one dense forward of the
+first double blocks at the first step, one program per shape (the budget is not an input). `generate` is one program
+per signature: the gather of the kept reference tokens (`sparse.pack_references`) and the whole denoising loop (the
+reference K/V loop when the model's config says `reference_attention="kv"`: the kept reference tokens run at the
+first step only). Reference tokens stay on the device from encoding to sampling; only the per-example budgets come
+to the host (to pick the rung). `generate(..., params=...)` runs other parameters of
 the same model (a training run's). With a mesh, the model's state is replicated on it and `shard` puts batches on
 its `data` axis.
 """
@@ -22,12 +25,14 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sparse_context_jax.encoders.base import ImageEncoder, PromptEmbeddings, TextEncoder
+from sparse_context_jax.model.attention_mass import KEY_BLOCK, attention_mass, resolve_blocks
 from sparse_context_jax.model.config import MMDiTConfig
 from sparse_context_jax.model.mmdit import MMDiT
-from sparse_context_jax.model.positions import TOKEN_PIXELS, image_ids, text_ids
+from sparse_context_jax.model.positions import TOKEN_PIXELS, image_ids, reference_index, text_ids
 from sparse_context_jax.programs import ModuleProgram
 from sparse_context_jax.sampling import Conditioning, denoise
 from sparse_context_jax.sparse import BucketLadder, Plan, Reference, Rung, SparsePacker, SparseRequest, pack_references
@@ -65,6 +70,19 @@ def _generate(model: MMDiT, noise, sigmas, latents, scores, budgets, prompt, neg
   return denoise(model, noise, sigmas, cond, cfg_scale)
 
 
+def _attention_scores(model: MMDiT, noise, latents, prompt, sigma, guidance, *, target_grid: tuple[int, int],
+                      grids: tuple[tuple[int, int], ...], blocks: tuple[int, ...], key_block: int):
+  """Per reference (B, M_i): the attention mass on its tokens at the first step, all references dense."""
+  cfg, B, N = model.config, noise.shape[0], noise.shape[1]
+  ids = [image_ids(cfg, *target_grid)] + [image_ids(cfg, *g, reference_index(cfg, i)) for i, g in enumerate(grids)]
+  img = jnp.concatenate([noise.astype(latents[0].dtype), *latents], axis=1)
+  txt_ids = prompt.txt_ids if prompt.txt_ids is not None else jnp.asarray(text_ids(cfg, prompt.txt.shape[1]))
+  mass = attention_mass(model, img, prompt.txt, jnp.full((B,), sigma, jnp.float32), jnp.asarray(np.concatenate(ids)),
+                        txt_ids, n_target=N, blocks=blocks, key_block=key_block, y=prompt.y, guidance=guidance)
+  ends = np.cumsum([N] + [h * w for h, w in grids])
+  return [mass[:, a:b] for a, b in zip(ends[:-1], ends[1:])]
+
+
 class Pipeline:
   """Holds the model (and its encoders) and every compiled program; `programs()` lists their compile times."""
 
@@ -79,11 +97,14 @@ class Pipeline:
                        f"{cfg.family} transformer reads {cfg.in_channels}-channel tokens")
     self.cfg, self.image, self.text, self.mesh, self.dtype = cfg, image, text, mesh, model.dtype
     self.sampler = ModuleProgram(model, in_mesh(mesh, _generate), "sample")
+    self.scorer = ModuleProgram(model, in_mesh(mesh, _attention_scores), "attention")
     if mesh is not None:
       replicated = NamedSharding(mesh, PartitionSpec())
       self.sampler.state = jax.device_put(self.sampler.state, replicated)
       if hasattr(image, "place"):
         image.place(replicated)
+    self.scorer.state = self.sampler.state   # one copy of the weights
+    self.key_block = KEY_BLOCK
     self.packer = SparsePacker(cfg, ladder, max_refs)
 
   @property
@@ -91,7 +112,7 @@ class Pipeline:
     return 1 if self.mesh is None else self.mesh.devices.size
 
   def programs(self) -> list[dict]:
-    caches = [self.packer.score_programs, self.packer.budget_programs, self.sampler.programs,
+    caches = [self.scorer.programs, self.packer.score_programs, self.packer.budget_programs, self.sampler.programs,
               *getattr(self.image, "programs", [])]
     return [record for cache in caches for record in cache.records()]
 
@@ -104,6 +125,18 @@ class Pipeline:
     if self.text is None:
       raise ValueError("this pipeline has no text encoder: give prompt embeddings")
     return self.text(prompts)
+
+  def attention_scores(self, noise, latents, prompt: PromptEmbeddings, sigma, guidance=None, *,
+                       target_grid: tuple[int, int], grids, blocks=None, params=None) -> list[jax.Array]:
+    """The `attention` strategy's token scores (`Reference.attention`), per reference (B, M_i) float32, on the device.
+
+    noise (B, N, C): the first step's target (the sampling noise); latents: per reference (B, M_i, C), dense;
+    prompt: the (positive) prompt; sigma: the first step's sigma; guidance (B,) for guidance-embedded models;
+    blocks: double-block indices (None: `attention_mass.default_blocks`). One program per shape and blocks.
+    """
+    return self.scorer(noise, list(latents), prompt, jnp.float32(sigma), guidance, state=params,
+                       target_grid=tuple(target_grid), grids=tuple(tuple(g) for g in grids),
+                       blocks=resolve_blocks(self.cfg, blocks), key_block=self.key_block)
 
   def select(self, references: Sequence[Reference], request: SparseRequest) -> tuple[Plan, list[jax.Array]]:
     """The plan (budgets (B, R) and rung, on the host) and the strategy's token scores (on the device)."""

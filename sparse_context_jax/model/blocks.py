@@ -150,14 +150,24 @@ class DoubleBlock(nnx.Module):
     `shared_mods` is (mods_img, mods_txt), each (6, B, 1, D), when the modulation is shared, else None. When
     extracting, `kv.ref_mods` modulates the image stream's reference slots.
     """
+    return self.update(img, txt, *self.project(img, txt, vec, angles, shared_mods, kv), kv_len, kv)
+
+  def project(self, img, txt, vec, angles, shared_mods, kv: BlockKV | None = None):
+    """The block's attention inputs over [txt | img]: (q, k, v) each (B, S, H, Dh) in the compute dtype (what the
+    attention sees), and the modulations (m_img, m_txt); the `attention` selection strategy reads q and k here."""
     m_img, m_txt = shared_mods if shared_mods is not None else (self.img_mod(vec), self.txt_mod(vec))
     m_img = _reference_mods(m_img, kv, img.shape[1])
-    t = txt.shape[1]
     q_i, k_i, v_i = self.img_attn(modulate(img, m_img[0], m_img[1], self.eps))
     q_t, k_t, v_t = self.txt_attn(modulate(txt, m_txt[0], m_txt[1], self.eps))
     q = apply_rope(jnp.concatenate([q_t, q_i], axis=1), angles).astype(self.dtype)
     k = apply_rope(jnp.concatenate([k_t, k_i], axis=1), angles).astype(self.dtype)
     v = jnp.concatenate([v_t, v_i], axis=1).astype(self.dtype)
+    return (q, k, v), (m_img, m_txt)
+
+  def update(self, img, txt, qkv, mods, kv_len, kv: BlockKV | None = None):
+    """The rest of the block from `project`'s outputs: attention, projections and MLPs -> (img, txt, ref (k, v))."""
+    (q, k, v), (m_img, m_txt) = qkv, mods
+    t = txt.shape[1]
     a, ref_kv = joint_attention(q, k, v, kv_len, self.attention_impl, kv)
     img = img + m_img[2] * self.img_proj(a[:, t:])
     img = img + m_img[5] * self.img_mlp(modulate(img, m_img[3], m_img[4], self.eps))

@@ -7,6 +7,7 @@ optionally rematerialised per block with a `jax.checkpoint` policy.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,22 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+class BlockInputs(NamedTuple):
+  """What every block of one call reads (`MMDiT.block_inputs`); shapes as in `blocks.py`."""
+
+  img: jax.Array                 # (B, L, D) embedded image tokens (padding zeroed)
+  txt: jax.Array                 # (B, T, D) embedded text tokens
+  vec: jax.Array                 # (B, D)
+  angles: jax.Array              # (B, T + L, Dh / 2) RoPE angles of [txt | img]
+  kv_len: jax.Array | None       # (B,) valid keys, or None when every key is valid
+  valid: jax.Array | None        # (B, L, 1) valid image tokens, or None
+  double_mods: tuple | None      # shared modulations (FLUX.2), else None
+  single_mods: jax.Array | None
+  double_kv: Callable            # cache slice -> BlockKV | None, per stack
+  single_kv: Callable
+  ref_len: jax.Array | None      # (B,) valid reference slots of an extract call
 
 
 class FinalLayer(nnx.Module):
@@ -104,6 +121,34 @@ class MMDiT(nnx.Module):
     Returns:
       (B, L, out_channels) in the compute dtype; extract: (that, the `ReferenceKV`).
     """
+    T = txt.shape[1]
+    s = self.block_inputs(img, txt, timesteps, img_ids, txt_ids, y=y, guidance=guidance, img_lengths=img_lengths,
+                          kv_cache_mode=kv_cache_mode, num_ref_tokens=num_ref_tokens, kv_cache=kv_cache,
+                          ref_fixed_timestep=ref_fixed_timestep)
+
+    def double(blk, carry, cache):
+      img_, txt_, refs = blk(*carry, s.vec, s.angles, s.kv_len, s.double_mods, s.double_kv(cache))
+      return (img_, txt_), refs
+
+    (x, c), double_refs = self._run(self.double_blocks, (s.img, s.txt), double,
+                                    None if kv_cache is None else kv_cache.double)
+    h, single_refs = self._run(
+        self.single_blocks, jnp.concatenate([c, x], axis=1),
+        lambda blk, carry, cache: blk(carry, s.vec, s.angles, s.kv_len, s.single_mods, s.single_kv(cache)),
+        None if kv_cache is None else kv_cache.single)
+    out = self.final_layer(h[:, T:], s.vec)
+    if s.valid is not None:
+      out = jnp.where(s.valid, out, 0)
+    if kv_cache_mode == "extract":
+      return out, ReferenceKV(double_refs, single_refs, s.ref_len)
+    return out
+
+  def block_inputs(self, img, txt, timesteps, img_ids, txt_ids, *, y=None, guidance=None, img_lengths=None,
+                   kv_cache_mode: str | None = None, num_ref_tokens: int = 0, kv_cache: ReferenceKV | None = None,
+                   ref_fixed_timestep: float = 0.0) -> BlockInputs:
+    """What every block reads, from the arguments of `__call__` (validated here): the embedded streams, the
+    vector, the RoPE angles, the valid key counts and the modulations. `__call__` runs the blocks on it; the
+    `attention` selection strategy (`model/attention_mass.py`) runs the first double blocks."""
     cfg = self.config
     L, T = img.shape[1], txt.shape[1]
     img_ids, txt_ids = self._check_inputs(img, txt, timesteps, img_ids, txt_ids, y, guidance, img_lengths)
@@ -112,7 +157,7 @@ class MMDiT(nnx.Module):
       # dense references run the program of a full bucket: the two give bit-equal results
       img_lengths = jnp.full((img.shape[0],), L, jnp.int32)
 
-    kv_len = None
+    kv_len = valid = None
     if img_lengths is not None:
       valid = (jnp.arange(L)[None, :] < img_lengths[:, None])[..., None]   # (B, L, 1)
       img = jnp.where(valid, img, 0)  # padding never enters the network, whatever it holds (inf, nan, ...)
@@ -123,9 +168,7 @@ class MMDiT(nnx.Module):
       kv_len = (T + L + ref_len).astype(jnp.int32)
 
     vec = self._vector(timesteps, guidance, y)
-    x, c = self.img_in(img), self.txt_in(txt)
     angles = rope_angles(jnp.concatenate([txt_ids, img_ids], axis=1), cfg.axes_dims, cfg.theta)
-
     if cfg.shared_modulation:
       double_mods = (self.double_mod_img(vec), self.double_mod_txt(vec))
       single_mods = self.single_mod(vec)
@@ -133,22 +176,8 @@ class MMDiT(nnx.Module):
       double_mods = single_mods = None
     double_kv, single_kv, ref_len = self._block_kv(kv_cache_mode, num_ref_tokens, kv_cache, img_lengths, L,
                                                    timesteps, guidance, y, ref_fixed_timestep)
-
-    def double(blk, carry, cache):
-      img_, txt_, refs = blk(*carry, vec, angles, kv_len, double_mods, double_kv(cache))
-      return (img_, txt_), refs
-
-    (x, c), double_refs = self._run(self.double_blocks, (x, c), double, None if kv_cache is None else kv_cache.double)
-    h, single_refs = self._run(
-        self.single_blocks, jnp.concatenate([c, x], axis=1),
-        lambda blk, carry, cache: blk(carry, vec, angles, kv_len, single_mods, single_kv(cache)),
-        None if kv_cache is None else kv_cache.single)
-    out = self.final_layer(h[:, T:], vec)
-    if img_lengths is not None:
-      out = jnp.where(valid, out, 0)
-    if kv_cache_mode == "extract":
-      return out, ReferenceKV(double_refs, single_refs, ref_len)
-    return out
+    return BlockInputs(self.img_in(img), self.txt_in(txt), vec, angles, kv_len, valid, double_mods, single_mods,
+                       double_kv, single_kv, ref_len)
 
   def _vector(self, timesteps, guidance, y):
     """vec (B, D): the time embedding, plus the guidance and pooled-vector embeddings of models that have them."""

@@ -5,6 +5,9 @@
     out = model(x.img, txt, t, x.img_ids, txt_ids, img_lengths=x.img_lengths)
     velocity = x.target(out)
 
+The `attention` strategy ranks by the model's own attention mass, computed first (one dense pass of the first step):
+`Reference(latents, (h, w), attention=Pipeline.attention_scores(noise, ...)[i])` (`model/attention_mass.py`).
+
 Inside a larger program (training, evaluation): `BucketLadder.at(ratio, grids)` gives the rung, and
 `pack_references` + `with_target` the model inputs.
 """

@@ -36,7 +36,9 @@ class SparseRequest:
   Exactly one budget: `keep` (a ratio in (0, 1], or one per reference), `tau` (adaptive: the score mass to keep,
   in (0, 1], clipped to [min_keep, max_keep] of each reference), or `budgets` (token counts per reference).
   `strategy` is one of `scores.STRATEGIES`; `hybrid` spends `grid_share` of the budget on grid coverage and the
-  rest on `hybrid_base` scores. `seed` drives `random`.
+  rest on `hybrid_base` scores. `seed` drives `random`. `attention_blocks`: the double blocks whose attention mass
+  the `attention` strategy averages (None: `model.attention_mass.default_blocks`); the references then carry that
+  mass (`Reference.attention`, computed by `Pipeline.attention_scores` or `model.attention_mass`).
   """
 
   strategy: str = "random"
@@ -48,6 +50,7 @@ class SparseRequest:
   hybrid_base: str = "edge"
   grid_share: float = 0.25
   seed: int = 0
+  attention_blocks: tuple[int, ...] | None = None
 
   def __post_init__(self):
     modes = [n for n in ("keep", "tau", "budgets") if getattr(self, n) is not None]
@@ -66,6 +69,13 @@ class SparseRequest:
       raise ValueError(f"min_keep {self.min_keep} and max_keep {self.max_keep} must satisfy 0 < min <= max <= 1")
     if not 0 <= self.grid_share <= 1:
       raise ValueError(f"grid_share {self.grid_share} is outside [0, 1]")
+    if self.attention_blocks is not None:
+      if "attention" not in self.strategies:
+        raise ValueError(f"attention_blocks go with the attention strategy, not {self.strategy!r}")
+      blocks = tuple(self.attention_blocks)
+      if not blocks or any(isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 0 for b in blocks):
+        raise ValueError(f"attention_blocks={list(blocks)} must be a non-empty list of double-block indices (>= 0)")
+      object.__setattr__(self, "attention_blocks", tuple(int(b) for b in blocks))
 
   @property
   def keeps(self) -> tuple[float, ...] | None:
@@ -92,12 +102,14 @@ class Reference:
   size: (H, W) in pixels, multiples of 16.
   pixels: (B, H, W, 3) or (B, H, W) image (any value range), needed by `edge`, `saliency`, hybrid on them.
   mask: (B, H, W) pixel mask or (B, H / 16, W / 16) token mask, needed by `mask` (nonzero = inside).
+  attention: (B, M) the model's attention mass on each token (`Pipeline.attention_scores`), needed by `attention`.
   """
 
   latents: jax.Array
   size: tuple[int, int]
   pixels: jax.Array | None = None
   mask: jax.Array | None = None
+  attention: jax.Array | None = None
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -316,6 +328,14 @@ class SparsePacker:
           raise ValueError(f"reference {i} mask has shape {tuple(r.mask.shape)}, expected ({B}, {h}, {w}) "
                            f"or ({B}, {r.grid[0]}, {r.grid[1]})")
         d["mask"] = jnp.asarray(r.mask)
+      if "attention" in request.strategies:
+        if r.attention is None:
+          raise ValueError(f"strategy {request.strategy!r} needs the attention mass of reference {i} "
+                           "(Pipeline.attention_scores)")
+        if tuple(r.attention.shape) != (B, r.tokens):
+          raise ValueError(f"reference {i} attention mass has shape {tuple(r.attention.shape)}, expected "
+                           f"({B}, {r.tokens})")
+        d["attention"] = jnp.asarray(r.attention)
       out.append(d)
     return out
 

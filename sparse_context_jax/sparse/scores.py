@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-STRATEGIES = ("random", "grid", "edge", "saliency", "mask", "hybrid")
-HYBRID_BASES = ("edge", "saliency", "mask")
+STRATEGIES = ("random", "grid", "edge", "saliency", "mask", "hybrid", "attention")
+HYBRID_BASES = ("edge", "saliency", "mask", "attention")
 
 
 def _patch_mean(x: jax.Array, grid: tuple[int, int]) -> jax.Array:
@@ -141,8 +141,8 @@ def hybrid_scores(base: jax.Array, grid: tuple[int, int], grid_share: float) -> 
 
 def strategy_scores(strategy: str, ref: dict, grid: tuple[int, int], key, hybrid_base: str = "edge",
                     grid_share: float = 0.25) -> jax.Array:
-  """(B, M) scores of one reference under `strategy`; `ref` holds `latents` (B, M, C) and the `pixels` / `mask`
-  the strategy reads; `key` drives `random`."""
+  """(B, M) scores of one reference under `strategy`; `ref` holds `latents` (B, M, C) and the `pixels` / `mask` /
+  `attention` (the model's attention mass, `model.attention_mass`) the strategy reads; `key` drives `random`."""
   batch = ref["latents"].shape[0]
   if strategy == "random":
     return random_scores(key, batch, grid)
@@ -156,6 +156,8 @@ def strategy_scores(strategy: str, ref: dict, grid: tuple[int, int], key, hybrid
     return mask_scores(ref["mask"], grid)
   if strategy == "hybrid":
     return hybrid_scores(strategy_scores(hybrid_base, ref, grid, key), grid, grid_share)
+  if strategy == "attention":   # computed by the model beforehand (`model.attention_mass`): a reference input
+    return ref["attention"].astype(jnp.float32)
   raise ValueError(f"strategy {strategy!r} unknown; expected one of {STRATEGIES}")
 
 
@@ -165,7 +167,7 @@ def budget_mass(strategy: str, ref: dict, grid: tuple[int, int], hybrid_base: st
   a keep ratio)."""
   if strategy == "hybrid":
     strategy = hybrid_base
-  if strategy in ("edge", "saliency"):
+  if strategy in ("edge", "saliency", "attention"):
     return strategy_scores(strategy, ref, grid, None)
   if strategy == "mask":
     return mask_coverage(ref["mask"], grid)
