@@ -166,13 +166,23 @@ def test_kohya_file_matches_diffusers(tmp_path, family):
     m["lora_unet_single_blocks_1_linear1"] = _factors(rng, 4, 3 * cfg.hidden_size + cfg.mlp_in_features,
                                                       cfg.hidden_size)
     m["lora_unet_img_in"] = _factors(rng, 2, cfg.hidden_size, cfg.in_channels)
-  else:   # FLUX.1 modulation, and the final layer's adaLN (BFL's (shift, scale) rows against diffusers')
+  else:
     m["lora_unet_double_blocks_1_img_mod_lin"] = _factors(rng, 2, 6 * cfg.hidden_size, cfg.hidden_size)
-    m["lora_unet_final_layer_adaLN_modulation_1"] = _factors(rng, 2, 2 * cfg.hidden_size, cfg.hidden_size)
-  alphas = {k: 1.5 * (i + 1) for i, k in enumerate(m) if "final_layer" not in k and i % 2 == 0}
+  alphas = {k: 1.5 * (i + 1) for i, k in enumerate(m) if i % 2 == 0}
   f = _write(tmp_path / "kohya.safetensors", m, down_up=True, alphas=alphas)
   want = ref.torch_forward(_diffusers(tm, [(f, 1.0)]), x)
   assert ref.rel_err(_forward(_ours(tm, [(f, 1.0)]), x), want) <= 1e-5
+  if family == "flux1":
+    # diffusers' FLUX.1 kohya reader drops the final layer's LoRA (its names lack `transformer.`): ours applies it,
+    # BFL's (shift, scale) rows swapped into diffusers' (scale, shift), as a diffusers-named file does in diffusers
+    A, B = _factors(rng, 2, 2 * cfg.hidden_size, cfg.hidden_size)
+    f = _write(tmp_path / "final.safetensors", {"lora_unet_final_layer_adaLN_modulation_1": (A, B)}, down_up=True,
+               alphas={"lora_unet_final_layer_adaLN_modulation_1": 3.0})
+    swapped = _write(tmp_path / "final_diffusers.safetensors", {"transformer.norm_out.linear": (
+        A, 1.5 * np.concatenate([B[cfg.hidden_size:], B[:cfg.hidden_size]]))})
+    want = ref.torch_forward(_diffusers(tm, [(swapped, 1.0)]), x)
+    assert ref.rel_err(want, ref.torch_forward(tm, x)) > 1e-3
+    assert ref.rel_err(_forward(_ours(tm, [(f, 1.0)]), x), want) <= 1e-5
 
 
 def test_two_loras_add_up_with_their_scales_and_scale_zero_is_the_base(tmp_path):
