@@ -153,6 +153,17 @@ def test_bfl_named_flux2_file_matches_diffusers(tmp_path, prefix):
   f = _write(tmp_path / "bfl.safetensors", m)
   want = ref.torch_forward(_diffusers(tm, [(f, 1.0)]), x)
   assert ref.rel_err(_forward(_ours(tm, [(f, 1.0)]), x), want) <= 1e-5
+  if prefix == "diffusion_model.":
+    # diffusers' FLUX.2 BFL reader maps the final layer's adaLN without swapping BFL's (shift, scale) rows into its
+    # (scale, shift): ours swaps them, as a diffusers-named file with the rows swapped does in diffusers
+    D = cfg.hidden_size
+    A, B = _factors(rng, 2, 2 * D, D)
+    f = _write(tmp_path / "final.safetensors", {"diffusion_model.final_layer.adaLN_modulation.1": (A, B)})
+    swapped = _write(tmp_path / "final_diffusers.safetensors",
+                     {"transformer.norm_out.linear": (A, np.concatenate([B[D:], B[:D]]))})
+    want = ref.torch_forward(_diffusers(tm, [(swapped, 1.0)]), x)
+    assert ref.rel_err(ref.torch_forward(_diffusers(tm, [(f, 1.0)]), x), want) > 1e-3   # diffusers' reading
+    assert ref.rel_err(_forward(_ours(tm, [(f, 1.0)]), x), want) <= 1e-5
 
 
 @pytest.mark.parametrize("family", ["flux1", "flux2"])
