@@ -91,8 +91,9 @@ def _peft_file(tm, path, seed=0):
     for n, p in adapted.named_parameters():
       if "lora_" in n:
         p.copy_(torch.randn(p.shape, generator=g) * (0.3 if "lora_B" in n else 1 / np.sqrt(p.shape[1])))
-  FluxPipeline.save_lora_weights(path.parent, weight_name=path.name, transformer_lora_layers=get_peft_model_state_dict(
-      adapted), transformer_lora_adapter_metadata=config.to_dict())
+  FluxPipeline.save_lora_weights(path.parent, weight_name=path.name,
+                                 transformer_lora_layers=get_peft_model_state_dict(adapted),
+                                 transformer_lora_adapter_metadata=config.to_dict())
   return adapted
 
 
@@ -136,7 +137,7 @@ def _bfl_modules(cfg, rng, prefix):
 
 def _weight_shape(cfg, torch_name):
   """(out, in) of a torch Linear of the converter's key tables."""
-  return lora_in._names(cfg)[1][torch_name].shape
+  return lora_in._names(cfg)[2][torch_name].shape
 
 
 @pytest.mark.parametrize("prefix", ["diffusion_model.", "base_model.model."])

@@ -64,12 +64,14 @@ class LoraFile:
 
 
 @functools.lru_cache(maxsize=8)
-def _names(cfg) -> tuple[ModelSpec, dict[str, Source], dict[str, Source]]:
-  """The spec and {torch module name: Source}, dotted and with dots as underscores, over both layouts."""
+def _names(cfg) -> tuple[ModelSpec, dict[str, list], dict[str, Source], dict[str, Source]]:
+  """The spec, its rules per layout and {torch module name: Source}, dotted and with dots as underscores, over
+  both layouts."""
   spec = ModelSpec(cfg)
+  rules = {layout: spec.rules(layout) for layout in ("diffusers", "bfl")}
   dotted: dict[str, Source] = {}
-  for layout in ("diffusers", "bfl"):
-    for k, rule in enumerate(spec.rules(layout)):
+  for layout, layout_rules in rules.items():
+    for k, rule in enumerate(layout_rules):
       if not isinstance(rule, LinearRule):
         continue
       for layer, fmt in layer_formats(rule):
@@ -80,7 +82,7 @@ def _names(cfg) -> tuple[ModelSpec, dict[str, Source], dict[str, Source]]:
           dotted[name] = Source((layout, k), i, layer, shapes[f"{name}.weight"])
   kohya = {n.replace(".", "_"): src for n, src in dotted.items()}
   assert len(kohya) == len(dotted)
-  return spec, dotted, kohya
+  return spec, rules, dotted, kohya
 
 
 def _module(name: str, dotted, kohya) -> tuple[str, Source] | None:
@@ -126,7 +128,7 @@ def read_lora(path: str | os.PathLike, cfg) -> LoraFile:
   if not os.path.isfile(path):
     raise CheckpointError(f"LoRA file {path} does not exist" if not os.path.exists(path) else
                           f"LoRA file {path} is not a file")
-  spec, dotted, kohya = _names(cfg)
+  _, _, dotted, kohya = _names(cfg)
   f = SafetensorsFile(path)
   try:
     peft = _peft_config(f.metadata, path)
@@ -190,10 +192,6 @@ def _factors(f: SafetensorsFile, g: dict, src: Source, peft: dict | None, path: 
   return A, B, alpha / (math.sqrt(r) if rslora else r)
 
 
-def _rule(spec: ModelSpec, key: tuple[str, int]) -> LinearRule:
-  return spec.rules(key[0])[key[1]]
-
-
 @functools.lru_cache(maxsize=None)
 def _add(layered: bool):
   """kernel + delta in float32, cast back; one layer of a stack in place (the stack donated)."""
@@ -214,14 +212,14 @@ def merge_loras(model, loras: Sequence[tuple[str | os.PathLike | LoraFile, float
   for lf, _ in files:
     if lf.cfg != cfg:
       raise CheckpointError(f"{lf.path} was checked against another model than this {cfg.family} one")
-  spec = _names(cfg)[0]
+  spec, rules = _names(cfg)[:2]
   groups: dict[tuple, dict[int, list]] = {}   # (rule key, layer) -> {source index: [(A, B, coefficient)]}
   for lf, s in files:
     for src, (A, B, c) in lf.factors.items():
       if s * c != 0.0:
         groups.setdefault((src.rule, src.layer), {}).setdefault(src.index, []).append((A, B, s * c))
   for (rule_key, layer), per_source in groups.items():
-    rule = _rule(spec, rule_key)
+    rule = rules[rule_key[0]][rule_key[1]]
     deltas = {i: sum(c * (B @ A) for A, B, c in parts) for i, parts in per_source.items()}   # (out, in) each
     kernels: dict[str, np.ndarray] = {}
     for t, kcols, i, rows, scols in _blocks(rule, spec.layouts):
