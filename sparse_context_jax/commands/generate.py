@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 from sparse_context_jax.cli import UserError
 from sparse_context_jax.convert import (CheckpointError, is_converted_pipeline, load_model, load_vae, pipeline_components,
                                        read_config)
+from sparse_context_jax.convert.lora_in import merge_loras, read_lora
 from sparse_context_jax.convert.output import atomic_output
 from sparse_context_jax.convert.run import is_run, open_run
 from sparse_context_jax.encoders import records
@@ -51,6 +52,9 @@ def add_arguments(parser) -> None:
   parser.add_argument("--step", type=int, metavar="N", help="with a training run as --model: the weights of step N "
                       "(default: its latest)")
   parser.add_argument("--ema", action="store_true", help="with a training run as --model: its EMA weights")
+  parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", type=_lora_arg,
+                      help="a FLUX LoRA .safetensors file (diffusers/peft, kohya or BFL/ComfyUI names) merged into "
+                      "the transformer's weights at SCALE (default 1.0); repeatable, the LoRAs add up")
   vae = parser.add_mutually_exclusive_group()
   vae.add_argument("--vae", metavar="DIR", help="a VAE converted with `convert`")
   vae.add_argument("--random-vae", metavar="flux1|flux2|CONFIG_JSON", help="random VAE weights")
@@ -70,6 +74,17 @@ def add_arguments(parser) -> None:
   parser.add_argument("--save-latents", action="store_true", help="also write each job's final latents (.npy)")
   parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
   parser.add_argument("--seed", type=int, default=0, help="initialisation seed of the --random-* weights")
+
+
+def _lora_arg(text: str) -> tuple[str, float]:
+  """FILE[:SCALE] -> (FILE, SCALE); a suffix after the last ':' that is not a number belongs to the file name."""
+  head, sep, tail = text.rpartition(":")
+  if sep and head:
+    try:
+      return head, float(tail)
+    except ValueError:
+      pass
+  return text, 1.0
 
 
 def _random_config(spec: str, presets: dict, cls, what: str):
@@ -216,6 +231,10 @@ def run(args) -> int:
       report["bad_jobs"].append({"line": b.line, "error": b.error})
 
   reject(bad)
+  try:   # every LoRA file read and checked against the model before anything runs
+    loras = [(read_lora(path, cfg), scale) for path, scale in args.lora]
+  except CheckpointError as e:
+    raise UserError(str(e)) from None
   try:
     # ---- Text prompts, in batches, before the denoising batches ------------------------------------------------
     if any(j.needs_encoding for j in jobs):
@@ -231,7 +250,7 @@ def run(args) -> int:
         gc.collect()   # its parameters go before the transformer's arrive
       report["memory"]["text_encoder_kept"] = bool(args.keep_text_encoder)
     if jobs:
-      _generate(args, cfg, jobs, report)
+      _generate(args, cfg, jobs, report, loras)
   finally:
     report["memory"]["peak_rss_mib"] = _peak_rss_mib()
     report["bad_jobs"].sort(key=lambda b: b["line"])
@@ -243,13 +262,15 @@ def run(args) -> int:
   return 1 if n_bad or n_failed else 0
 
 
-def _generate(args, cfg: MMDiTConfig, jobs: list, report: dict) -> None:
+def _generate(args, cfg: MMDiTConfig, jobs: list, report: dict, loras: list) -> None:
   dtype = jnp.dtype(args.dtype)
   try:
     if args.run is not None:   # the step opened before the jobs were read, even if the run has saved another since
       model = load_model(args.run.run_dir, dtype=dtype, step=args.run.step, ema=args.run.ema)
     else:
       model = load_model(args.model, dtype=dtype) if args.model else MMDiT(cfg, rngs=nnx.Rngs(args.seed), dtype=dtype)
+    if loras:
+      report["lora"] = merge_loras(model, loras)
     pipeline = Pipeline(model, _image_encoder(args), mesh=Mesh(np.array(jax.devices()), ("data",)))
   except (CheckpointError, ValueError) as e:
     raise UserError(str(e)) from None

@@ -24,7 +24,7 @@ import concurrent.futures
 import functools
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import jax
@@ -329,16 +329,26 @@ def _load_kind(path, kind: str, **kw) -> nnx.Module:
   return load(path, **kw)
 
 
-def load_model(path: str | os.PathLike, *, step: int | None = None, ema: bool = False, **kw) -> MMDiT:
+def load_model(path: str | os.PathLike, *, step: int | None = None, ema: bool = False,
+               lora: Sequence[tuple[str | os.PathLike, float]] = (), **kw) -> MMDiT:
   """`load` for a converted transformer (a CheckpointError names what else the folder holds); a converted pipeline
   folder gives its transformer; a training run (RUN_DIR or RUN_DIR/checkpoints/STEP) the weights of its latest
-  step, or of `step`, or their EMA (`ema`), in the model its config names (`convert/run.py`)."""
+  step, or of `step`, or their EMA (`ema`), in the model its config names (`convert/run.py`).
+
+  `lora`: (LoRA .safetensors file, scale) pairs merged into the loaded weights (`convert/lora_in.py`: diffusers /
+  peft, kohya and BFL / ComfyUI names; W += scale * alpha / r * B . A in float32, the LoRAs summed); every file is
+  checked before any weight changes, a CheckpointError names what does not fit."""
+  from sparse_context_jax.convert.lora_in import merge_loras
   from sparse_context_jax.convert.run import is_run, load_run_model   # run.py reads checkpoints through this module
   if is_run(path):
-    return load_run_model(path, step=step, ema=ema, **kw)
-  if step is not None or ema:
+    model = load_run_model(path, step=step, ema=ema, **kw)
+  elif step is not None or ema:
     raise CheckpointError(f"{path} is not a training run: step and ema select the weights of a run's checkpoint")
-  return _load_kind(path, "transformer", **kw)
+  else:
+    model = _load_kind(path, "transformer", **kw)
+  if lora:
+    merge_loras(model, lora)
+  return model
 
 
 def load_vae(path: str | os.PathLike, *, dtype=jnp.float32) -> AutoencoderKL:
