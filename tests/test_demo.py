@@ -21,7 +21,7 @@ from sparse_context_jax.train.metrics import read_metrics
 STEPS = 6
 TINY = ["--steps", str(STEPS), "--examples", "2", "--sample-steps", "2", "--batch", "2", "--repeats", "1",
         "--rows", "2", "--skip-presets", "--config.data.world.count=16", "--config.log.every=2"]
-ROW = r"^{}\s+(\d+\.\d\d)\s+(\d+\.\d\d)\s+(\d+\.\d\d)\s+(\d+)/(\d+)\s+(\d+\.\d)\s+(\d+\.\d\d)x$"
+ROW = r"^{}\s+(\d+\.\d\d)\s+(\d+\.\d\d)\s+(\d+\.\d\d)\s+(\d+)/(\d+)\s+(\d+\.\d)\s+(\d+\.\d\d)x\s+(\d+\.\d\d)$"
 
 
 def _demo(cache, out, *extra):
@@ -62,9 +62,9 @@ def test_demo_trains_once_then_loads_and_retrains_an_incomplete_cache(tmp_path):
   table = _table(first)
   for name in ("dense", "task-aware, keep 0.25", "random, keep 0.25"):
     psnr, kept, total = table[name][0], table[name][3], table[name][4]
-    assert 0 < psnr < 60 and total > 0 and kept == (total if name == "dense" else kept)
-  assert table["task-aware, keep 0.25"][3] < table["dense"][3]   # sparse runs keep fewer tokens
-  assert table["dense"][-1] == 1.0
+    assert 0 < psnr < 60 and 0 < kept <= total
+    assert (kept == total) == (name == "dense")   # the sparse runs keep about a quarter
+  assert table["dense"][6] == 1.0   # the speed-ups are relative to dense
   grid = Image.open(out / "grid.png")
   assert grid.mode == "RGB" and grid.size[0] > grid.size[1] > 0
   for run in ("dense", "task-aware", "random"):
