@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -19,14 +20,21 @@ from sparse_context_jax.convert.run import open_run
 from sparse_context_jax.train.metrics import read_metrics
 
 STEPS = 6
+# One reference per example (fewer programs to compile), a 16-example world, 6 steps.
 TINY = ["--steps", str(STEPS), "--examples", "2", "--sample-steps", "2", "--batch", "2", "--repeats", "1",
-        "--rows", "2", "--skip-presets", "--config.data.world.count=16", "--config.log.every=2"]
+        "--rows", "2", "--skip-presets", "--config.data.world.count=16", "--config.data.world.max_refs=1",
+        "--config.data.max_refs=1", "--config.log.every=2"]
 ROW = r"^{}\s+(\d+\.\d\d)\s+(\d+\.\d\d)\s+(\d+\.\d\d)\s+(\d+)/(\d+)\s+(\d+\.\d)\s+(\d+\.\d\d)x\s+(\d+\.\d\d)$"
+
+
+def _env(tmp_path) -> dict:
+  """The compilation cache on, in the test's own folder: the later calls read the first one's programs."""
+  return {**os.environ, "SCJ_COMPILE_CACHE": str(tmp_path / "xla")}
 
 
 def _demo(cache, out, *extra):
   r = subprocess.run([sys.executable, "-m", "sparse_context_jax", "demo", *TINY, "--cache", str(cache), "--out",
-                      str(out), *extra], capture_output=True, text=True, timeout=600)
+                      str(out), *extra], capture_output=True, text=True, timeout=900, env=_env(cache.parent))
   assert r.returncode == 0, r.stderr
   return r.stdout
 
@@ -113,7 +121,7 @@ def _same_as_generate(tmp_path, run_dir, example, job, png):
   (folder / "jobs.jsonl").write_text(json.dumps(line) + "\n")
   r = subprocess.run([sys.executable, "-m", "sparse_context_jax", "generate", str(folder / "jobs.jsonl"),
                       "--model", str(run_dir), "--max-sequence-length", "8", "--batch-size", "2"],
-                     capture_output=True, text=True, timeout=300)
+                     capture_output=True, text=True, timeout=600, env=_env(tmp_path))
   assert r.returncode == 0, r.stderr
   ours, theirs = (np.asarray(Image.open(p), np.int16) for p in (png, folder / "dense.png"))
   assert ours.shape == theirs.shape and np.abs(ours - theirs).max() <= 1
