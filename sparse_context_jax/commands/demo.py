@@ -224,11 +224,12 @@ def _generation(args, config, run_dir: Path) -> None:
                                           batch_size=args.batch)
     if bad:
       raise AssertionError(f"the demo's own jobs are invalid: {bad}")
-    made = sorted(gen.run(run_jobs), key=lambda r: r.job.line)    # compiles its programs
+    generate = lambda: sorted(_succeeded(gen.run(run_jobs)), key=lambda r: r.job.line)
+    made = generate()   # compiles its programs
     seconds, sampling = [], []
     for _ in range(args.repeats):
       tic = time.perf_counter()
-      made = sorted(gen.run(run_jobs), key=lambda r: r.job.line)
+      made = generate()
       seconds.append(time.perf_counter() - tic)
       sampling.append(sum(r.batch_seconds / r.batch_size for r in made) / len(made))   # the batches' programs
     per_s = len(made) / float(np.median(seconds))
@@ -257,3 +258,12 @@ def _generation(args, config, run_dir: Path) -> None:
     (out / "grid.png").write_bytes(grid_png(rows, titles))
   print(f"\nwrote {out}/grid.png and the generated PNGs (run_INDEX.png)")
 
+
+def _succeeded(results) -> list:
+  """The generator's results; the demo's own jobs failing is a bug, raised with the job's error."""
+  from sparse_context_jax.generate import Failed
+  results = list(results)
+  failed = [r for r in results if isinstance(r, Failed)]
+  if failed:
+    raise AssertionError(f"the demo's job {failed[0].job.line} failed: {failed[0].error}")
+  return results
