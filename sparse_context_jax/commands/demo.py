@@ -1,214 +1,269 @@
-"""The main job: the real presets abstractly, a small FLUX.2-style model run dense and with sparse references
-(timed, with XLA's FLOP count of each compiled program), then batch generation through the `generate` path.
+"""The main job: the released presets abstractly, then a small FLUX.2-shaped model that learned the synthetic world
+generating held-out examples dense and with sparse references, scored against their exact ground truth.
 
-In the timing part the references are procedural images (discs and bars on a flat ground) with random latents.
-Tokens are chosen per reference by `--strategy`, either at a fixed `--keep` ratio or with an adaptive budget
-`--tau`, padded to a bucket of the ladder and masked with `img_lengths`.
+The model is configs/world.py trained by the train program (train/loop.py) on its first run, about a minute on 2
+CPU cores, and cached under the user cache folder by a hash of what determines it (the config with its seeds and
+overrides, and the world generator's code); later runs load it. Training goes to a scratch folder renamed into
+place with a `.complete` marker once it finished: an interrupted training is never taken for a model.
+
+Generation goes through the `generate` command's path (`Generator` over a `Pipeline`, with the encoders the run
+recorded): each held-out example dense, with the task-aware sparse default (hybrid: edges for editing, saliency for
+composition) at --keep, and with random tokens at --keep, from the same noise. The figure (--out/grid.png) shows
+references, ground truth, the three generations and the tokens the task-aware selection kept.
 """
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
 import numpy as np
-from flax import nnx
 
 from sparse_context_jax.cli import UserError
 from sparse_context_jax.commands.presets import table
-from sparse_context_jax.model import MMDiT, preset
-from sparse_context_jax.model.jitted import JittedMMDiT
-from sparse_context_jax.model.positions import TOKEN_PIXELS, text_ids
-from sparse_context_jax.sparse import STRATEGIES, Reference, SparsePacker, SparseRequest, dense_inputs
-from sparse_context_jax.sparse.compare import interleaved_medians
+
+EXTRA_PREFIX = "--config."   # --config.KEY=VALUE overrides of configs/world.py (they change the model's hash)
+WORLD_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "world.py"
+WORLD_CODE = Path(__file__).resolve().parents[1] / "data" / "world.py"
+COMPLETE = ".complete"
 
 
 def add_arguments(parser) -> None:
-  parser.add_argument("--hidden", type=int, default=256, help="hidden size of the small model (multiple of 128)")
-  parser.add_argument("--depth", type=int, nargs=2, default=(2, 4), metavar=("DOUBLE", "SINGLE"),
-                      help="double and single blocks of the small model")
-  parser.add_argument("--size", type=int, default=256, help="target and reference side in pixels (multiple of 16)")
-  parser.add_argument("--refs", type=int, default=2, help="number of reference images (1-4)")
-  parser.add_argument("--strategy", default="hybrid", choices=STRATEGIES, help="token selection strategy")
-  budget = parser.add_mutually_exclusive_group()
-  budget.add_argument("--keep", type=float, default=None, help="keep ratio of reference tokens, in (0, 1] "
-                      "(default 0.25 unless --tau)")
-  budget.add_argument("--tau", type=float, default=None, help="adaptive budget: score mass to keep, in (0, 1]")
-  parser.add_argument("--txt", type=int, default=64, help="text tokens")
-  parser.add_argument("--batch", type=int, default=2, help="batch size")
-  parser.add_argument("--repeats", type=int, default=10, help="timed calls per program")
-  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--steps", type=int, default=None, help="train steps of the world model (default the "
+                      "config's); another count is another cached model")
+  parser.add_argument("--seed", type=int, default=0, help="the training seed (another seed, another model)")
+  parser.add_argument("--examples", type=int, default=8, help="held-out synthetic-world examples generated (the "
+                      "tasks alternate)")
+  parser.add_argument("--keep", type=float, default=0.25, help="keep ratio of the sparse runs, in (0, 1]")
+  parser.add_argument("--sample-steps", type=int, default=16, help="Euler steps per generated image")
+  parser.add_argument("--batch", type=int, default=4, help="generation batch size")
+  parser.add_argument("--repeats", type=int, default=2, help="timed passes over the examples per run (after one "
+                      "untimed pass that compiles)")
+  parser.add_argument("--rows", type=int, default=4, help="examples shown in the grid")
+  parser.add_argument("--cache", default=None, metavar="DIR", help="where trained models are cached (default "
+                      "${XDG_CACHE_HOME:-~/.cache}/sparse_context_jax)")
+  parser.add_argument("--retrain", action="store_true", help="train again even if the model is cached")
   parser.add_argument("--skip-presets", action="store_true", help="do not print the preset table")
-  parser.add_argument("--images", type=int, default=4, help="synthetic-world jobs of the batch-generation part "
-                      "(0 skips it)")
-  parser.add_argument("--out", default="demo_out", help="folder for the generated PNGs")
+  parser.add_argument("--out", default="demo_out", help="folder for grid.png and the generated PNGs")
+  parser.epilog = ("Override a key of configs/world.py with --config.KEY=VALUE (e.g. --config.train.lr=1e-3); "
+                   "the model is cached per config.")
 
 
 def _check(args) -> None:
   problems = []
-  if args.hidden <= 0 or args.hidden % 128:
-    problems.append(f"--hidden {args.hidden} (expected a positive multiple of 128: heads of 128)")
-  if min(args.depth) < 0 or sum(args.depth) == 0:
-    problems.append(f"--depth {args.depth} (expected non-negative counts, not both zero)")
-  if args.size <= 0 or args.size % TOKEN_PIXELS:
-    problems.append(f"--size {args.size} (expected a positive multiple of {TOKEN_PIXELS})")
-  if not 1 <= args.refs <= 4:
-    problems.append(f"--refs {args.refs} (expected 1 to 4)")
-  for name in ("keep", "tau"):
-    value = getattr(args, name)
-    if value is not None and not 0 < value <= 1:
-      problems.append(f"--{name} {value} (expected a ratio in (0, 1])")
-  if args.images < 0:
-    problems.append(f"--images {args.images} (expected >= 0)")
-  for name in ("txt", "batch", "repeats"):
+  if not 0 < args.keep <= 1:
+    problems.append(f"--keep {args.keep} (expected a ratio in (0, 1])")
+  for name in ("examples", "sample_steps", "batch", "repeats"):
     if getattr(args, name) <= 0:
-      problems.append(f"--{name} {getattr(args, name)} (expected > 0)")
+      problems.append(f"--{name.replace('_', '-')} {getattr(args, name)} (expected > 0)")
+  for name in ("steps", "rows"):
+    value = getattr(args, name)
+    if value is not None and value < (1 if name == "steps" else 0):
+      problems.append(f"--{name} {value} (expected {'> 0' if name == 'steps' else '>= 0'})")
   if problems:
     raise UserError("; ".join(problems))
 
 
-def procedural_image(rng: np.random.Generator, size: int) -> np.ndarray:
-  """(size, size, 3) in [0, 1]: a flat ground with a few discs and bars of random colours, places and sizes."""
-  img = np.ones((size, size, 3), np.float32) * rng.uniform(0.2, 0.8, 3).astype(np.float32)
-  yy, xx = np.mgrid[0:size, 0:size]
-  for _ in range(int(rng.integers(2, 5))):
-    cy, cx, r = rng.uniform(0, size, 2).tolist() + [rng.uniform(size / 16, size / 5)]
-    shape = ((yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2) if rng.random() < 0.5 else (
-        (np.abs(yy - cy) < r / 3) & (np.abs(xx - cx) < r))
-    img[shape] = rng.uniform(0, 1, 3)
-  return img
+def cache_root(flag: str | None) -> Path:
+  return Path(flag) if flag else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sparse_context_jax"
+
+
+def world_config(args):
+  """configs/world.py with --seed, --steps and the --config.KEY=VALUE overrides applied, validated."""
+  import jax
+  from sparse_context_jax.train import config as run_config
+  overrides = [f"seed={args.seed}", *([f"train.steps={args.steps}"] if args.steps else []), *args.extra]
+  try:
+    config = run_config.apply_overrides(run_config.load(str(WORLD_CONFIG)), overrides)
+    if config.train.steps % config.checkpoint.every:
+      config.checkpoint.every = config.train.steps   # one checkpoint, the final one
+    run_config.validate(config, jax.device_count())
+  except run_config.ConfigError as e:
+    raise UserError(str(e)) from None
+  return config
+
+
+def model_hash(config) -> str:
+  """12 hex digits of what determines the trained model: the config (seeds and overrides included) and the code
+  of the world it learns."""
+  h = hashlib.sha256(json.dumps(json.loads(config.to_json_best_effort()), sort_keys=True).encode())
+  h.update(WORLD_CODE.read_bytes())
+  return h.hexdigest()[:12]
+
+
+def trained_model(config, cache: Path, retrain: bool = False) -> tuple[Path, float | None]:
+  """(the run folder of the trained world model, training seconds or None when it came from the cache). Trains
+  under a lock into `world-HASH.partial-PID`, marks it complete and renames it to `world-HASH`; a folder without
+  the marker (or a partial one left by a killed run) is discarded, never loaded."""
+  from sparse_context_jax.train.loop import Outcome, train
+  final = cache / f"world-{model_hash(config)}"
+  if (final / COMPLETE).is_file() and not retrain:
+    return final, None
+  cache.mkdir(parents=True, exist_ok=True)
+  with open(f"{final}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)   # another demo training the same model: wait for it, then use its model
+    if (final / COMPLETE).is_file() and not retrain:
+      return final, None
+    for stale in cache.glob(f"{final.name}.partial-*"):   # the lock is ours: nobody is writing these
+      shutil.rmtree(stale, ignore_errors=True)
+    scratch = cache / f"{final.name}.partial-{os.getpid()}"
+    print(f"training the world model (first run; cached in {final}) ...", flush=True)
+    outcome, tic = Outcome(), time.perf_counter()
+    try:
+      train(config, str(scratch), outcome=outcome)
+      if outcome.preempted:
+        raise UserError(f"training was stopped at step {outcome.step} of {config.train.steps}: nothing was "
+                        "cached (run again to train from the start)")
+      seconds = time.perf_counter() - tic
+      (scratch / COMPLETE).write_text(json.dumps({"steps": outcome.step, "seconds": round(seconds, 2)}) + "\n")
+      if final.exists():   # --retrain, or a folder without its marker
+        shutil.rmtree(final)
+      os.rename(scratch, final)
+    finally:
+      shutil.rmtree(scratch, ignore_errors=True)
+  return final, seconds
+
+
+def _describe_training(config, run_dir: Path, seconds: float | None) -> str:
+  from sparse_context_jax.train.metrics import read_metrics
+  metrics = read_metrics(run_dir)
+  losses = [m["loss"] for m in metrics if "loss" in m]
+  steps = [m["step_seconds"] for m in metrics if "step_seconds" in m]
+  compiles = [m["seconds"] for m in metrics if m.get("event") == "compile"]
+  w = config.data.world
+  what = (f"{config.train.steps} steps of batch {config.train.batch_size} on {w.count} synthetic-world examples "
+          f"{w.size[0]}x{w.size[1]} (final loss {np.mean(losses[-5:]):.4f}; median step {1e3 * np.median(steps):.1f}"
+          f" ms, {len(compiles)} compiles {sum(compiles):.1f} s)")
+  done = json.loads((run_dir / COMPLETE).read_text())
+  return (f"trained now in {seconds:.1f} s: {what}" if seconds is not None else
+          f"loaded from the cache {run_dir} (trained in {done['seconds']:.1f} s): {what}")
 
 
 def run(args) -> int:
   _check(args)
   import sparse_context_jax.compile_cache as compile_cache
   compile_cache.enable()
+  config = world_config(args)
   if not args.skip_presets:
     print("Released FLUX architectures (built abstractly with jax.eval_shape; no weights allocated):")
     print(table())
     print()
-
-  cfg = preset("flux2-klein-9b").replace(num_heads=args.hidden // 128, depth_double=args.depth[0],
-                                         depth_single=args.depth[1], context_dim=3 * args.hidden)
-  model = JittedMMDiT(MMDiT(cfg, rngs=nnx.Rngs(args.seed)))
-  rng = np.random.default_rng(args.seed)
-  B, size, n = args.batch, (args.size, args.size), (args.size // TOKEN_PIXELS) ** 2
-  latents = lambda m: jnp.asarray(rng.standard_normal((B, m, cfg.in_channels)).astype(np.float32))
-  target = latents(n)
-  refs = [Reference(latents(n), size, pixels=np.stack([procedural_image(rng, args.size) for _ in range(B)]))
-          for _ in range(args.refs)]
-  common = dict(txt=jnp.asarray(rng.standard_normal((B, args.txt, cfg.context_dim)).astype(np.float32)),
-                timesteps=jnp.asarray(rng.uniform(0, 1, B).astype(np.float32)),
-                txt_ids=jnp.asarray(text_ids(cfg, args.txt)))
-  budget = dict(tau=args.tau) if args.tau is not None else dict(keep=args.keep or 0.25)
-  request = SparseRequest(args.strategy, **budget, seed=args.seed)
-  packer = SparsePacker(cfg)
-
-  img, ids = dense_inputs(cfg, target, size, refs)
-  full = packer(target, size, refs, SparseRequest(args.strategy, keep=1.0, seed=args.seed))
-  sparse = packer(target, size, refs, request)
-  runs = [("dense", dict(img=img, img_ids=ids), None),
-          ("keep 1, padded path", dict(img=full.img, img_ids=full.img_ids, img_lengths=full.img_lengths), full),
-          (f"{args.strategy}, " + ", ".join(f"{k} {v:g}" for k, v in budget.items()),
-           dict(img=sparse.img, img_ids=sparse.img_ids, img_lengths=sparse.img_lengths), sparse)]
-
-  print(f"Small FLUX.2-style model: hidden {cfg.hidden_size}, {cfg.num_heads} heads of {cfg.head_dim}, "
-        f"{cfg.depth_double} double + {cfg.depth_single} single blocks, "
-        f"{sum(x.size for x in jax.tree.leaves(model.state)):,} parameters, float32 on {jax.devices()[0].platform}.")
-  print(f"Batch {B}, text {args.txt} tokens, target {args.size}x{args.size} px ({n} tokens), {args.refs} "
-        f"procedural reference image(s) of the same size.")
-  print(f"\n{'run':<22} {'bucket':>6} {'image tokens (valid)':>22} {'compile s':>9} {'step ms':>9} {'GFLOP':>9} "
-        f"{'speedup':>8} {'ideal':>6}")
-  kws = {name: {**x, **common} for name, x, _ in runs}
-  seconds = interleaved_medians({name: (lambda kw=kw: model(**kw)) for name, kw in kws.items()}, args.repeats,
-                                warmup=2)
-  outputs = {name: np.asarray(model(**kw))[:, :n] for name, kw in kws.items()}
-  base = (seconds["dense"], model.flops(**kws["dense"]))
-  for name, x, packed in runs:
-    kw, f = kws[name], model.flops(**kws[name])
-    valid = np.asarray(x.get("img_lengths", [x["img"].shape[1]] * B))
-    bucket = "-" if packed is None else f"{packed.bucket:.3g}"
-    print(f"{name:<22} {bucket:>6} {x['img'].shape[1]:>7} ({', '.join(str(int(v)) for v in valid):>12}) "
-          f"{model.compile_seconds(**kw):>9.2f} {1e3 * seconds[name]:>9.2f} {f / 1e9:>9.3f} "
-          f"{base[0] / seconds[name]:>7.2f}x {base[1] / f:>5.2f}x")
-  dense_out = outputs["dense"]
-  keep1 = np.max(np.abs(outputs[runs[1][0]] - dense_out))
-  change = np.max(np.abs(outputs[runs[2][0]] - dense_out)) / np.max(np.abs(dense_out))
-  print(f"\nkept reference tokens per example: {sparse.kept.tolist()} of {n} each; padding waste "
-        f"{100 * sparse.padding_waste:.1f}%")
-  print(f"keep 1 through the padded path vs dense, target outputs: max |diff| = {keep1:.2e} "
-        f"(max |out| = {np.max(np.abs(dense_out)):.2f})")
-  print(f"sparse vs dense target outputs (random weights, untrained for sparsity): relative change {change:.2e}")
-  if args.images:
-    _generation(args, model, cfg)
+  run_dir, seconds = trained_model(config, cache_root(args.cache), args.retrain)
+  print(_describe_training(config, run_dir, seconds))
+  _generation(args, config, run_dir)
   return 0
 
 
+def _jobs(cfg, config, args):
+  """The held-out examples (the world of seed+1, as launch/learn_world.py holds out) and, per run, their jobs:
+  {run name: [Job]}; the same prompt, references and noise seed in every run."""
+  from sparse_context_jax.data.world import example
+  from sparse_context_jax.encoders.base import unit_range
+  from sparse_context_jax.generate.jobs import TASK_STRATEGY, make_job
+  from sparse_context_jax.sparse import SparseRequest
+  w = config.data.world
+  size = tuple(w.size)
+  examples = [example(w.seed + 1, i, size, w.max_refs, tuple(w.tasks)) for i in range(args.examples)]
+  runs = {"dense": lambda task, i: SparseRequest("random", keep=1.0, seed=i),   # every token: no scores needed
+          f"task-aware, keep {args.keep:g}": lambda task, i: SparseRequest(
+              "hybrid", keep=args.keep, hybrid_base=TASK_STRATEGY[task][1], seed=i),
+          f"random, keep {args.keep:g}": lambda task, i: SparseRequest("random", keep=args.keep, seed=i)}
+  jobs = {name: [make_job(cfg, line=i, output=None, references=[unit_range(r) for r in ex.references],
+                          masks=[m > 127 for m in ex.masks], request=request(ex.task, i), size=size,
+                          prompt=ex.caption, steps=args.sample_steps, seed=i)
+                 for i, ex in enumerate(examples)]
+          for name, request in runs.items()}
+  return examples, jobs
 
-def _generation(args, model: JittedMMDiT, cfg) -> None:
-  """Batch generation of synthetic-world composition jobs (references, masks, captions with a known answer) through
-  the path of the `generate` command: a JSONL jobs file with its reference and mask PNGs and text prompts is written
-  to a temporary folder, read back by `read_jobs`, its prompts encoded by a random-weights Qwen3 text encoder with a
-  tiny tokenizer (`generate --random-text-encoder`), and run by the `Generator` over a `Pipeline`, dense and then
-  with the task-aware sparse default (hybrid: edges for editing, saliency for composition) at --keep. Random
-  weights: the PNGs show the pipeline, not a model."""
-  import json
-  import tempfile
-  import time
-  from pathlib import Path
 
+def _generation(args, config, run_dir: Path) -> None:
+  import jax
   from jax.sharding import Mesh
 
-  from sparse_context_jax.data.world import example
-  from sparse_context_jax.encoders.prompts import random_prompt_encoder
-  from sparse_context_jax.encoders.vae import VAEImageEncoder
-  from sparse_context_jax.generate import Generator, Pipeline, read_jobs
+  from sparse_context_jax.convert import load_model
+  from sparse_context_jax.convert.run import open_run
+  from sparse_context_jax.data.world import psnr
+  from sparse_context_jax.encoders import records
+  from sparse_context_jax.encoders.base import to_uint8, unit_range
+  from sparse_context_jax.figures import grid_png, kept_overlay
+  from sparse_context_jax.generate import Generator, Pipeline
   from sparse_context_jax.generate.prompts import encode_job_prompts
   from sparse_context_jax.images import encode_png
-  from sparse_context_jax.model.vae import AutoencoderKL, VAEConfig
+  from sparse_context_jax.model.positions import token_grid
+  from sparse_context_jax.sparse.select import top_k
 
-  vae_cfg = VAEConfig(family="flux2", block_out_channels=(32, 32, 32, 32), layers_per_block=1, latent_channels=32,
-                      norm_num_groups=8, use_quant_conv=True, use_post_quant_conv=True, scaling_factor=1.0,
-                      shift_factor=0.0)
-  pipeline = Pipeline(nnx.merge(model.graphdef, model.state),
-                      VAEImageEncoder(AutoencoderKL(vae_cfg, rngs=nnx.Rngs(args.seed + 1))),
-                      mesh=Mesh(np.array(jax.devices()), ("data",)))
-  gen = Generator(pipeline, batch_size=2)
-  text_encoder = random_prompt_encoder(cfg, seed=args.seed + 2)
+  opened = open_run(run_dir)
+  image, text = records.image_encoder(opened.encoders["image"]), records.text_encoder(opened.encoders["text"])
+  pipeline = Pipeline(load_model(run_dir), image, mesh=Mesh(np.array(jax.devices()), ("data",)))
+  gen = Generator(pipeline, batch_size=args.batch)
+  examples, jobs = _jobs(opened.model, config, args)
+  size, grid = tuple(config.data.world.size), token_grid(tuple(config.data.world.size))
+  px = lambda img: to_uint8(image.decode(image.encode(unit_range(img)), size))   # at the tokens' resolution
+  truth = [px(ex.target) for ex in examples]
+  tasks = sorted({ex.task for ex in examples})
   out = Path(args.out).resolve()
   out.mkdir(parents=True, exist_ok=True)
-  keep = args.keep or 0.25
-  print(f"\nBatch generation: {args.images} synthetic-world composition jobs with {args.refs} reference(s) of "
-        f"{args.size}x{args.size}, 4 steps, batches of 2, a small random VAE, text prompts (their captions) through "
-        f"{text_encoder.name}; PNGs in {out}/")
-  print(f"{'references':<28} {'kept tokens (first job)':>24} {'images/s':>9} {'speedup':>8}")
-  with tempfile.TemporaryDirectory() as tmp:   # the jobs files and their inputs; the PNGs go to --out
-    jobs_dir = Path(tmp)
-    lines = {"dense": [], "sparse": []}
-    for i in range(args.images):
-      ex = example(args.seed, i, (args.size, args.size), max_refs=args.refs, min_refs=args.refs,
-                   tasks=("composition",))
-      refs, masks = [], []
-      for r, (pixels, mask) in enumerate(zip(ex.references, ex.masks)):
-        for name, data, kind in ((f"ref{i}_{r}.png", pixels, refs), (f"mask{i}_{r}.png", mask, masks)):
-          (jobs_dir / name).write_bytes(encode_png(data))
-          kind.append(name)
-      for label, budget in (("dense", 1.0), ("sparse", keep)):
-        lines[label].append({"prompt": ex.caption, "references": refs, "masks": masks, "task": ex.task,
-                             "keep": budget, "size": [args.size, args.size], "steps": 4, "seed": i,
-                             "output": str(out / f"{label}_{i}.png")})
-    base = None
-    for label, name in (("dense", "dense"), (f"hybrid/saliency, keep {keep:g}", "sparse")):
-      path = jobs_dir / f"{name}.jsonl"
-      path.write_text("".join(json.dumps(line) + "\n" for line in lines[name]))
-      jobs, bad = read_jobs(path, cfg, pipeline.packer.max_refs, force=True)
-      jobs, bad_prompts, _ = encode_job_prompts(jobs, text_encoder, max_sequence_length=args.txt, batch_size=2)
-      if bad or bad_prompts:
-        raise AssertionError(f"the demo's own jobs are invalid: {bad + bad_prompts}")
-      gen.run_batch([gen.prepare(jobs[0])])            # compile
-      t0 = time.perf_counter()
-      results = list(gen.run(jobs))
-      per_s = len(results) / (time.perf_counter() - t0)
-      for r in results:
-        r.job.output.write_bytes(encode_png(r.pixels))
-      base = base or per_s
-      print(f"{label:<28} {str(results[0].prepared.kept):>24} {per_s:>9.2f} {per_s / base:>7.2f}x")
+
+  print(f"\nHeld-out synthetic-world examples ({args.examples}: {', '.join(tasks)}; world seed "
+        f"{config.data.world.seed + 1}, never trained on), {args.sample_steps} Euler steps, batches of {args.batch}, "
+        f"through the Generator with the run's encoders ({image.name}, {text.name}). PSNR (dB) against the exact "
+        f"ground truth at the tokens' resolution ({truth[0].shape[0]}x{truth[0].shape[1]} px):")
+  header = f"{'run':<22} {'PSNR':>6} " + "".join(f"{t:>12}" for t in tasks)
+  print(f"\n{header} {'kept ref tokens':>16} {'images/s':>9} {'speed-up':>9} {'sampling ms/img':>16}")
+  scores = lambda made: {"all": float(np.mean(made)),
+                         **{t: float(np.mean([p for p, ex in zip(made, examples) if ex.task == t])) for t in tasks}}
+  copy = scores([psnr(px(ex.references[0]), t) for ex, t in zip(examples, truth)])
+  results, base = {}, None
+  for name, run_jobs in jobs.items():
+    run_jobs, bad, _ = encode_job_prompts(run_jobs, text, max_sequence_length=config.data.txt_len,
+                                          batch_size=args.batch)
+    if bad:
+      raise AssertionError(f"the demo's own jobs are invalid: {bad}")
+    generate = lambda: sorted(_succeeded(gen.run(run_jobs)), key=lambda r: r.job.line)
+    made = generate()   # compiles its programs
+    seconds, sampling = [], []
+    for _ in range(args.repeats):
+      tic = time.perf_counter()
+      made = generate()
+      seconds.append(time.perf_counter() - tic)
+      sampling.append(sum(r.batch_seconds / r.batch_size for r in made) / len(made))   # the batches' programs
+    per_s = len(made) / float(np.median(seconds))
+    base = base or per_s
+    kept = sum(sum(r.prepared.kept) for r in made)
+    total = sum(len(ex.references) * grid[0] * grid[1] for ex in examples)
+    s = scores([psnr(r.pixels, t) for r, t in zip(made, truth)])
+    results[name] = made
+    print(f"{name:<22} {s['all']:>6.2f} " + "".join(f"{s[t]:>12.2f}" for t in tasks) +
+          f" {f'{kept}/{total}':>16} {per_s:>9.1f} {per_s / base:>8.2f}x {1e3 * np.median(sampling):>16.2f}")
+    for r in made:
+      (out / f"{name.split(',')[0]}_{r.job.line}.png").write_bytes(encode_png(r.pixels))
+  print(f"{'copy first reference':<22} {copy['all']:>6.2f} " + "".join(f"{copy[t]:>12.2f}" for t in tasks))
+
+  if args.rows:
+    names = list(results)
+    rows = []
+    for i in range(min(args.rows, len(examples))):
+      sparse = results[names[1]][i].prepared
+      idx, ok = top_k(sparse.scores[0][None], np.asarray(sparse.kept[:1]), grid[0] * grid[1])
+      refs = [px(r) for r in examples[i].references]
+      rows.append([refs[0], refs[1] if len(refs) > 1 else None, truth[i], *(results[n][i].pixels for n in names),
+                   kept_overlay(refs[0], np.asarray(idx)[0][np.asarray(ok)[0]], grid)])
+    titles = ["reference 1", "reference 2", "ground truth", "dense", f"task-aware {args.keep:g}",
+              f"random {args.keep:g}", "kept (task-aware)"]
+    (out / "grid.png").write_bytes(grid_png(rows, titles))
+  print(f"\nwrote {out}/grid.png and the generated PNGs (run_INDEX.png)")
+
+
+def _succeeded(results) -> list:
+  """The generator's results; the demo's own jobs failing is a bug, raised with the job's error."""
+  from sparse_context_jax.generate import Failed
+  results = list(results)
+  failed = [r for r in results if isinstance(r, Failed)]
+  if failed:
+    raise AssertionError(f"the demo's job {failed[0].job.line} failed: {failed[0].error}")
+  return results
