@@ -11,7 +11,7 @@ pure FSDP mesh (1, 8, 1), one example per device, at the dense rung (every refer
   lora16      LoRA rank 16 (alpha 16, the default targets) over a frozen bfloat16 base, AdamW over the factors
   lora64      LoRA rank 64
 
-It prints a Markdown table (GiB per device: the parameters, LoRA factors, optimizer state and batch, then XLA's
+It prints a Markdown table (per device: the parameters, LoRA factors, optimizer state and batch, then XLA's
 arguments, outputs, temporaries and total (arguments + outputs not aliased to donated arguments + temporaries +
 code), the trainable parameters and the total over the `full` row's) and writes the rows as JSON (--json).
 
@@ -96,9 +96,11 @@ def with_ratios(rows: list[dict]) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-  g = lambda n: f"{n / GiB:.2f}"
-  out = ["| model | fine-tune | params | LoRA | opt state | batch | arguments | outputs | temporaries | total "
-         "GiB/device | trainable params | / full | compile s |", "|" + "---|" * 13]
+  """Bytes per device in GiB, or MiB when the largest total is under 1 GiB (the tiny model)."""
+  unit, scale = ("GiB", GiB) if max(r["total_bytes"] for r in rows) >= GiB else ("MiB", 2**20)
+  g = lambda n: f"{n / scale:.2f}"
+  out = [f"| model | fine-tune | params | LoRA | opt state | batch | arguments | outputs | temporaries | total "
+         f"{unit}/device | trainable params | / full | compile s |", "|" + "---|" * 13]
   for r in rows:
     tune = f"LoRA r{r['lora_rank']}, {r['param_dtype']} base" if r["lora_rank"] else f"full, {r['param_dtype']}"
     ratio = f"{r['ratio']:.2f}" if r.get("ratio") is not None else "-"
