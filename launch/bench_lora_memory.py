@@ -17,11 +17,13 @@ code), the trainable parameters and the total over the `full` row's) and writes 
 
   python launch/bench_lora_memory.py                                 # klein 4B and 9B, the four rows
   python launch/bench_lora_memory.py --presets flux2-klein-4b --rows full lora16
+  python launch/bench_lora_memory.py --topology v5p:2x2x2 --config.model.attention_impl=auto   # TPU, splash
   python launch/bench_lora_memory.py --config configs/tiny.py --presets flux2-klein-4b --devices 4 --resolution 64 \
       --txt-len 8   # the tiny model (its arch overrides the preset's sizes)
 
-The bytes are the compiled program's for the backend compiled for (CPU here): XLA attention (the only one on CPU)
-materialises the score matrices, so the temporaries are an upper bound of a TPU's with splash attention. Compile
+The bytes are the compiled program's for the backend compiled for: on CPU, XLA attention (the only one there)
+materialises the score matrices; `--topology` compiles for a TPU slice (libtpu's compile-only devices, no TPU),
+where `model.attention_impl=auto` is the splash kernel. Compile
 times are for the machine it ran on, only a guide.
 """
 
@@ -52,6 +54,8 @@ def parse_args(argv=None):
   p.add_argument("--rows", nargs="+", default=tuple(ROWS), choices=tuple(ROWS), help="which fine-tunes")
   p.add_argument("--config", default=os.path.join(ROOT, "configs", "base.py"), help="FILE.py[:ARG]")
   p.add_argument("--devices", type=int, default=8, help="fake CPU devices (one example each, all on fsdp)")
+  p.add_argument("--topology", help="compile for this TPU slice's compile-only devices instead (libtpu; e.g. "
+                 "v5p:2x2x2, one example per chip)")
   p.add_argument("--resolution", type=int, default=1024, help="square target and reference side, pixels")
   p.add_argument("--refs", type=int, default=2, help="reference slots per example")
   p.add_argument("--txt-len", type=int, default=512, help="text tokens")
@@ -74,11 +78,17 @@ def row_config(args, preset: str, row: str):
   return run_config.apply_overrides(run_config.load(args.config), shapes + args.extra + ROWS[row])
 
 
-def measure(config, count_flops: bool = False) -> dict:
-  """One row: `plan_local` of the config's dense rung, as a JSON-able dict."""
-  from sparse_context_jax.plan.train import plan_local
+def measure(config, count_flops: bool = False, topology=None) -> dict:
+  """One row: the config's dense rung compiled for this process's devices (`plan_local`) or for `topology`'s, as a
+  JSON-able dict."""
+  from sparse_context_jax.plan.train import plan_local, plan_rung
+  from sparse_context_jax.train import config as run_config
   tic = time.perf_counter()
-  p = plan_local(config, 1.0, count_flops)
+  if topology is None:
+    p = plan_local(config, 1.0, count_flops)
+  else:
+    run_config.validate(config, topology.chips)
+    p = plan_rung(config, topology, topology.devices(), 1.0, count_flops)
   return {"preset": config.model.preset, "lora_rank": int(config.lora.rank), "param_dtype": config.model.param_dtype,
           "dtype": config.model.dtype, "remat": config.model.remat, "scan_layers": bool(config.model.scan_layers),
           "seq": p.seq, "trainable_params": p.trainable_params, "params_bytes": p.params_bytes,
@@ -114,25 +124,33 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  # before jax starts: the fake devices (a real accelerator's devices are used as they are)
-  flag = f"--xla_force_host_platform_device_count={args.devices}"
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
+  topology = None
+  if args.topology:
+    from sparse_context_jax.plan.chips import parse_topology
+    topology = parse_topology(args.topology)
+    args.devices = topology.chips
+  else:   # before jax starts: the fake devices (a real accelerator's devices are used as they are)
+    flag = f"--xla_force_host_platform_device_count={args.devices}"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import jax
+  devices = topology.devices() if topology else jax.devices()
+  where = f"{topology.name} ({len(devices)} chips)" if topology else f"{len(devices)} {devices[0].platform} devices"
   rows = []
   for preset in args.presets:
     for name in args.rows:
       config = row_config(args, preset, name)
-      print(f"compiling {config.model.preset} {name} ({len(jax.devices())} {jax.devices()[0].platform} devices, "
-            f"remat={config.model.remat}, scan_layers={config.model.scan_layers}) ...", file=sys.stderr, flush=True)
-      rows.append({"row": name, **measure(config, args.flops)})
+      print(f"compiling {config.model.preset} {name} ({where}, remat={config.model.remat}, scan_layers="
+            f"{config.model.scan_layers}) ...", file=sys.stderr, flush=True)
+      rows.append({"row": name, **measure(config, args.flops, topology)})
       print(f"  {rows[-1]['total_bytes'] / GiB:.2f} GiB/device, compiled in {rows[-1]['compile_seconds']:.0f} s",
             file=sys.stderr, flush=True)
       rows = with_ratios(rows)
       with open(args.json, "w") as f:    # after every row: a long run keeps what it measured
-        json.dump({"devices": len(jax.devices()), "platform": jax.devices()[0].platform, "jax": jax.__version__,
-                   "resolution": args.resolution, "refs": args.refs, "txt_len": args.txt_len,
-                   "batch_per_device": 1, "mesh": [1, len(jax.devices()), 1], "rows": rows}, f, indent=1)
+        json.dump({"devices": len(devices), "platform": devices[0].platform, "topology": args.topology,
+                   "jax": jax.__version__, "resolution": args.resolution, "refs": args.refs,
+                   "txt_len": args.txt_len, "batch_per_device": 1, "mesh": [1, len(devices), 1],
+                   "attention_impl": config.model.attention_impl, "rows": rows}, f, indent=1)
   print(table(rows))
   return 0
 
