@@ -146,6 +146,7 @@ def main(argv=None) -> int:
       print(f"  {rows[-1]['total_bytes'] / GiB:.2f} GiB/device, compiled in {rows[-1]['compile_seconds']:.0f} s",
             file=sys.stderr, flush=True)
       rows = with_ratios(rows)
+      os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
       with open(args.json, "w") as f:    # after every row: a long run keeps what it measured
         json.dump({"devices": len(devices), "platform": devices[0].platform, "topology": args.topology,
                    "jax": jax.__version__, "resolution": args.resolution, "refs": args.refs,
