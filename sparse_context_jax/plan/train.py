@@ -1,5 +1,6 @@
 """The train step of a config compiled for a TPU topology, per rung of its bucket ladder: memory per device from
-XLA's buffer assignment, FLOPs from XLA's count, and a roofline step time (`estimate.py`).
+XLA's buffer assignment, FLOPs from XLA's count, and a roofline step time (`estimate.py`). `plan_local` compiles
+it for this process's own devices instead (e.g. fake CPU devices), memory only.
 
 Nothing is allocated: the state is `train.state.setup`'s abstract state (ShapeDtypeStructs in the train
 shardings), the batch is ShapeDtypeStructs of the shapes the pipeline gives the config (its largest aspect
@@ -52,6 +53,8 @@ class RungPlan:
   estimate: Estimate | None = None
   error: str = ""                # the compiler's out-of-memory message, when it refused the program
   param_specs: dict = dataclasses.field(default_factory=dict, repr=False)   # keystr -> the compiled program's spec
+  lora_bytes: int = 0            # the LoRA factors (a LoRA run; `params_bytes` is then the frozen base)
+  trainable_params: int = 0      # what the optimizer updates: every parameter, or the LoRA factors
 
   @property
   def total_bytes(self) -> int:
@@ -125,8 +128,10 @@ def _example_flops(config_json: str, rung, grid) -> float:
 _OOM = re.compile(r"RESOURCE_EXHAUSTED|Ran out of memory|exceeds the memory", re.I)
 
 
-def plan_rung(config, topology: Topology, devices, ratio: float) -> RungPlan:
-  """Compiles the config's step at one rung for `devices` (the topology's) and measures it."""
+def plan_rung(config, topology: Topology | None, devices, ratio: float, count_flops: bool = True) -> RungPlan:
+  """Compiles the config's step at one rung for `devices` (the topology's) and measures it. Without a topology
+  (other devices) there is no roofline estimate; without `count_flops` the FLOPs are NaN (lowering the unrolled
+  step takes minutes for a large model)."""
   cfg = run_config.model_config(config)
   mesh = make_mesh(config.mesh, devices)
   static = setup(config, cfg, mesh)
@@ -134,10 +139,14 @@ def plan_rung(config, topology: Topology, devices, ratio: float) -> RungPlan:
   rung = ladder(config.objective).at(ratio, (grid,) * config.data.max_refs)
   batch = batch_spec(config, cfg, mesh, grid)
   seq = config.data.txt_len + rung.length(grid[0] * grid[1])
+  trained = static.abstract.get("lora", static.abstract["params"])
   sizes = dict(params_bytes=shard_bytes(static.abstract["params"]), opt_bytes=shard_bytes(static.abstract["opt"]),
-               batch_bytes=shard_bytes(batch))
-  flops = _step_flops(config, cfg, rung, grid, config.model.remat)
-  model_flops = flops if config.model.remat == "none" else _step_flops(config, cfg, rung, grid, "none")
+               batch_bytes=shard_bytes(batch), lora_bytes=shard_bytes(static.abstract.get("lora", {})),
+               trainable_params=sum(x.size for x in jax.tree.leaves(trained)))
+  flops = model_flops = float("nan")
+  if count_flops:
+    flops = _step_flops(config, cfg, rung, grid, config.model.remat)
+    model_flops = flops if config.model.remat == "none" else _step_flops(config, cfg, rung, grid, "none")
   tic = time.perf_counter()
   try:
     compiled = compile_step(static, config, rung, batch).lower(static.abstract, batch).compile()
@@ -158,7 +167,8 @@ def plan_rung(config, topology: Topology, devices, ratio: float) -> RungPlan:
   state_shardings = compiled.input_shardings[0][0]
   plan.param_specs = {jax.tree_util.keystr(k): tuple(sh.spec)
                       for k, sh in jax.tree_util.tree_leaves_with_path(state_shardings["params"])}
-  plan.estimate = estimate(config, cfg, topology, tuple(mesh.shape.values()), plan.flops, plan.model_flops, seq)
+  if topology is not None and count_flops:
+    plan.estimate = estimate(config, cfg, topology, tuple(mesh.shape.values()), plan.flops, plan.model_flops, seq)
   return plan
 
 
@@ -181,3 +191,12 @@ def plan_train(config, topology: Topology, ratios=None, on_rung=None) -> list[Ru
     if on_rung is not None:
       on_rung(plans[-1])
   return plans
+
+
+def plan_local(config, ratio: float = 1.0, count_flops: bool = False) -> RungPlan:
+  """The config's step at one rung compiled for this process's devices (`jax.devices()`: on a CPU machine the
+  `--xla_force_host_platform_device_count` fake ones), memory per device as XLA's buffer assignment for that
+  backend; no roofline estimate."""
+  devices = jax.devices()
+  run_config.validate(config, len(devices))
+  return plan_rung(config, None, devices, ratio, count_flops)
