@@ -183,22 +183,27 @@ def test_dropout_changes_only_the_lora_gradients_and_is_deterministic():
 
 def test_dropout_with_grad_accum_and_ema():
   """LoRA + dropout + EMA over the adapters + micro-batches, on a rung that drops random reference tokens: each
-  example draws the same masks in any micro-batch, so grad_accum 1 and 2 agree up to float rounding."""
+  example draws the same masks in any micro-batch, so grad_accum 1 and 2 give the same loss and gradients up to
+  float rounding; the EMA of the adapters follows its closed form."""
   d = 0.9
   batch = make_batch(C.model_config(tiny()))
   runs = {n: Run(tiny(*LORA, "lora.dropout=0.3", f"train.ema_decay={d}", f"train.grad_accum={n}"), batch)
           for n in (1, 2)}
   lora_steps = {n: [leaves(r.state["lora"])] for n, r in runs.items()}
+  metrics, grads = {}, {}
   for n, r in runs.items():
-    for _ in range(2):
-      r.step()
-      lora_steps[n].append(leaves(r.state["lora"]))
-  assert max_rel(lora_steps[2][-1], lora_steps[1][-1]) <= 1e-4
-  assert max_rel(lora_steps[1][-1], lora_steps[1][0]) > 1e-3   # it trained
-  for n, r in runs.items():
-    p0, p1, p2 = lora_steps[n]
-    expected = {k: d**2 * p0[k] + d * (1 - d) * p1[k] + (1 - d) * p2[k] for k in p0}
-    assert max_rel(leaves(r.state["ema"]), expected) <= 1e-6, n
+    metrics[n] = r.step()
+    grads[n] = _mu(r.state)
+    lora_steps[n].append(leaves(r.state["lora"]))
+  assert metrics[2]["loss"] == pytest.approx(metrics[1]["loss"], rel=1e-6)
+  assert max_rel(grads[2], grads[1]) <= 5e-6   # a mask that moved with the micro-batch would change them by ~1
+  r = runs[2]
+  r.step()
+  lora_steps[2].append(leaves(r.state["lora"]))
+  p0, p1, p2 = lora_steps[2]
+  assert max_rel(p2, p0) > 1e-3   # it trained
+  expected = {k: d**2 * p0[k] + d * (1 - d) * p1[k] + (1 - d) * p2[k] for k in p0}
+  assert max_rel(leaves(r.state["ema"]), expected) <= 1e-6
 
 
 def test_dropout_outside_zero_one_is_refused():
