@@ -76,8 +76,8 @@ def test_kill_minus_9_three_times_resumes_bitwise(tmp_path, extra):
   config = C.apply_overrides(config, ["data.path=" + data])
   straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
   # The uninterrupted run goes on beside the killed ones (two cores).
-  reference = subprocess.Popen(_command(straight, data, extra), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               cwd=ROOT)
+  reference = subprocess.Popen(_command(straight, data, extra), env=ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, cwd=ROOT)
   seed = random.randrange(1 << 30)
   rng = random.Random(seed)
   logged = []

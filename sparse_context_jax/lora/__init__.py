@@ -9,8 +9,9 @@ model equals its base exactly), and computes y = x . kernel + (alpha / rank) * (
 against the whole module path) and `dropout`: as peft does, y = x . kernel + (alpha / rank) * (dropout(x) . lora_a)
 . lora_b in training only. The train step turns it on for its own forward pass (`with_dropout`: per-example keys,
 per module and per layer, as a `DropoutKeys` variable the block scan slices like any layer state); a model without
-those keys (evaluation, sampling, a merge) never drops. The LoRA params are a pure dict `{module path parts...: {lora_a, lora_b}}` that
-sits beside the frozen base `params` in the train state (train/state.py); `merge_lora` folds them into the base.
+those keys (evaluation, sampling, a merge) never drops. The LoRA params are a pure dict `{module path parts...:
+{lora_a, lora_b}}` that sits beside the frozen base `params` in the train state (train/state.py); `merge_lora` folds
+them into the base.
 
 Written here rather than taken from qwix or `nnx.LoRA`: qwix creates its LoRA params lazily on the first call by
 intercepting `dot_general`, which cannot happen inside the model's own `lax.scan` over split layer states, and
@@ -105,9 +106,11 @@ def with_dropout(model: nnx.Module, rate: float, example_keys: jax.Array) -> Non
   for i, lin in enumerate(linears):
     lead = lin.lora_a.shape[:lin.lora_a.ndim - len(lin.in_shape) - 1]
     n = math.prod(lead)
-    split = lambda k, i=i, n=n: jax.random.key_data(jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(k),
-                                                                                        i), n))
-    keys = jnp.moveaxis(jax.vmap(split)(example_keys), 1, 0)          # (n, B, 2)
+
+    def layer_keys(k, i=i, n=n):   # (2,) -> (n, 2)
+      return jax.random.key_data(jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(k), i), n))
+
+    keys = jnp.moveaxis(jax.vmap(layer_keys)(example_keys), 1, 0)          # (n, B, 2)
     lin.lora_dropout = float(rate)
     lin.lora_dropout_keys = DropoutKeys(keys.reshape(lead + keys.shape[1:]))
 
