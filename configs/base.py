@@ -30,6 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.lora = ml_collections.ConfigDict()        # sparse_context_jax/lora: adapters over frozen base weights
   c.lora.rank = 0                             # 0 = full fine-tune; > 0: train only the LoRA factors
   c.lora.alpha = 16.0                         # scale alpha / rank
+  c.lora.dropout = 0.0                        # dropout on the adapters' input, in training only (peft's lora_dropout)
   c.lora.targets = DEFAULT_TARGETS            # regexes over Linear module paths (lora.MLP_TARGETS, MODULATION_TARGETS)
 
   c.mesh = (-1, 1, 1)                         # (data, fsdp, tensor); -1 fills with the remaining devices

@@ -20,6 +20,7 @@ TINY = os.path.join(ROOT, "configs", "tiny.py")
 FAST = ["objective.keep_low=0.25", "objective.keep_high=1.0", "objective.dense_prob=0.0", "log.progress=False",
         "data.world.count=16", "train.warmup_steps=1", "log.every=1"]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+LORA = ["lora.rank=4", "lora.alpha=8.0", "lora.dropout=0.1"]
 
 
 def _args(workdir, *overrides) -> list[str]:
@@ -33,9 +34,11 @@ def _one_line_error(capsys, rc) -> str:
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_and_exits_preempted_then_the_same_command_resumes(tmp_path):
+@pytest.mark.parametrize("extra", [[], LORA], ids=["full", "lora"])
+def test_ctrl_c_saves_and_exits_preempted_then_the_same_command_resumes(tmp_path, extra):
   workdir = tmp_path / "run"
-  cmd = [sys.executable, "-m", "sparse_context_jax"] + _args(workdir, "train.steps=400", "checkpoint.every=1000")
+  cmd = [sys.executable, "-m", "sparse_context_jax"] + _args(workdir, *extra, "train.steps=400",
+                                                             "checkpoint.every=1000")
   proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.monotonic() + 300
   while not any("loss" in m for m in (read_metrics(workdir) if (workdir / "metrics.jsonl").exists() else [])):
@@ -49,7 +52,7 @@ def test_ctrl_c_saves_and_exits_preempted_then_the_same_command_resumes(tmp_path
   assert f"preempted at step {saved[0]}, saved; rerun the same command to resume" in err
   # The same command (with the end brought nearer) resumes; the keep-ratio histogram counts every step once.
   steps = saved[0] + 3
-  rc = cli.main(_args(workdir, f"train.steps={steps}", "checkpoint.every=1000"))
+  rc = cli.main(_args(workdir, *extra, f"train.steps={steps}", "checkpoint.every=1000"))
   assert rc == 0
   last = [m for m in read_metrics(workdir) if "loss" in m][-1]
   assert last["step"] == steps and sum(last["keep_histogram"].values()) == steps

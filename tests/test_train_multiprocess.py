@@ -1,6 +1,6 @@
 """Multi-process training: 2 processes x 4 fake CPU devices (jax.distributed over 127.0.0.1, started by
 launch/train_local.sh) train exactly as 1 process with 8 devices, and their checkpoint restores in 1 process on
-another mesh and continues identically."""
+another mesh and continues identically; for a full fine-tune and for LoRA with dropout."""
 
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ TINY = os.path.join(ROOT, "configs", "tiny.py")
 FAST = ["objective.keep_low=0.25", "objective.keep_high=0.25", "objective.dense_prob=0.0", "log.progress=False",
         "data.world.count=16", "train.warmup_steps=1", "train.steps=12", "checkpoint.every=5"]
 ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+LORA = ["lora.rank=4", "lora.alpha=8.0", "lora.dropout=0.1"]
 
 # One process with 8 devices: `run` trains (or resumes) a workdir to `stop_after` more steps on `mesh`, `restore`
-# only restores; both print the parameters.
+# only restores; both print the trained parameters (and the frozen base of a LoRA run).
 SINGLE = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
@@ -34,8 +35,9 @@ SINGLE = textwrap.dedent("""
     for name, workdir, mesh, more in {runs!r}:
       c = C.apply_overrides(C.load({tiny!r}), {overrides!r} + ["mesh=" + mesh])
       state = train(c, workdir, stop_after=more)
+      trained = {{k: state[k] for k in ("params", "lora") if k in state}}
       out[name] = {{jax.tree_util.keystr(p): np.asarray(v).tolist()
-                   for p, v in jax.tree_util.tree_leaves_with_path(state["params"])}}
+                   for p, v in jax.tree_util.tree_leaves_with_path(trained)}}
       out[name + "/mesh"] = dict(next(iter(jax.tree.leaves(state["params"]))).sharding.mesh.shape)
     print("RESULT" + json.dumps(out))
 """)
@@ -60,10 +62,11 @@ def _curve(workdir) -> dict[int, tuple[float, int]]:
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_and_restore_on_another_mesh(tmp_path):
+@pytest.mark.parametrize("extra", [[], LORA], ids=["full", "lora"])
+def test_two_processes_equal_one_and_restore_on_another_mesh(tmp_path, extra):
   from sparse_context_jax.train.loop import dataset_path
   data = dataset_path(C.apply_overrides(C.load(TINY), FAST), str(tmp_path))   # one world for every run
-  overrides = FAST + ["data.path=" + data]
+  overrides = FAST + extra + ["data.path=" + data]
   single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
 
   # 1 process, 8 devices, mesh 2x4x1: 10 steps, then 2 more.
@@ -80,6 +83,7 @@ def test_two_processes_equal_one_and_restore_on_another_mesh(tmp_path):
   # Its checkpoint in 1 process on another mesh (2x2x2): restored exactly, then 2 more steps.
   got = _single([("restored", multi, "(2, 2, 2)", 0), ("continued", multi, "(2, 2, 2)", None)], overrides)
   assert got["restored/mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert any("['lora']" in k for k in ref["ref10"]) == bool(extra)
   _close(got["restored"], ref["ref10"])
   _close(got["continued"], ref["ref12"])
   # The same data in the same order, the same loss at every step (10 from 2 processes, 2 after the restore).

@@ -5,9 +5,13 @@ A LoRA module is one of our `Linear`s (model/layers.py), named by its parameter 
 `lora_a (layers..., *in_shape, rank)` (random) and `lora_b (layers..., rank, *out_shape)` (zeros, so an attached
 model equals its base exactly), and computes y = x . kernel + (alpha / rank) * (x . lora_a) . lora_b.
 
-`config.lora` (configs/base.py) holds `rank` (0 = off), `alpha` and `targets` (regular expressions, each matched
-against the whole module path). The LoRA params are a pure dict `{module path parts...: {lora_a, lora_b}}` that
-sits beside the frozen base `params` in the train state (train/state.py); `merge_lora` folds them into the base.
+`config.lora` (configs/base.py) holds `rank` (0 = off), `alpha`, `targets` (regular expressions, each matched
+against the whole module path) and `dropout`: as peft does, y = x . kernel + (alpha / rank) * (dropout(x) . lora_a)
+. lora_b in training only. The train step turns it on for its own forward pass (`with_dropout`: per-example keys,
+per module and per layer, as a `DropoutKeys` variable the block scan slices like any layer state); a model without
+those keys (evaluation, sampling, a merge) never drops. The LoRA params are a pure dict `{module path parts...:
+{lora_a, lora_b}}` that sits beside the frozen base `params` in the train state (train/state.py); `merge_lora` folds
+them into the base.
 
 Written here rather than taken from qwix or `nnx.LoRA`: qwix creates its LoRA params lazily on the first call by
 intercepting `dot_general`, which cannot happen inside the model's own `lax.scan` over split layer states, and
@@ -82,6 +86,42 @@ def attach(model: nnx.Module, lora_cfg, rngs: nnx.Rngs) -> list[str]:
                                logical_axes=(RANK_AXIS,) + tuple(out_axes))
     lin.lora_scale = s
   return names
+
+
+class DropoutKeys(nnx.Variable):
+  """Key data (layers..., B, 2) of one adapter's input dropout, one key per example (and layer); only ever on the
+  train step's transient model, never in a checkpoint."""
+
+
+def with_dropout(model: nnx.Module, rate: float, example_keys: jax.Array) -> None:
+  """Turns on the LoRA input dropout of `model` (in place, for the forward pass of one train step).
+
+  example_keys: (B, 2) key data, one per example of the batch `model` will see. Adapter i (graph order) of a stack
+  of n layers gets, per example, the n keys split from fold_in(example key, i): every mask depends on the example
+  alone, not on the micro-batch it is in nor on the sharding.
+  """
+  linears = [node for _, node in nnx.iter_graph(model) if getattr(node, "lora_a", None) is not None]
+  if not linears:
+    raise ValueError("with_dropout: the model has no LoRA adapters")
+  for i, lin in enumerate(linears):
+    lead = lin.lora_a.shape[:lin.lora_a.ndim - len(lin.in_shape) - 1]
+    n = math.prod(lead)
+
+    def layer_keys(k, i=i, n=n):   # (2,) -> (n, 2)
+      return jax.random.key_data(jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(k), i), n))
+
+    keys = jnp.moveaxis(jax.vmap(layer_keys)(example_keys), 1, 0)          # (n, B, 2)
+    lin.lora_dropout = float(rate)
+    lin.lora_dropout_keys = DropoutKeys(keys.reshape(lead + keys.shape[1:]))
+
+
+def dropout(x: jax.Array, rate: float, keys: jax.Array) -> jax.Array:
+  """x (B, ...) with each entry zeroed with probability `rate` and the others scaled by 1 / (1 - rate); example b's
+  mask is drawn from keys[b] ((B, 2) key data) alone."""
+  if keys.shape[0] != x.shape[0]:
+    raise ValueError(f"LoRA dropout keys for {keys.shape[0]} examples, input of shape {x.shape}")
+  keep = jax.vmap(lambda k: jax.random.bernoulli(jax.random.wrap_key_data(k), 1.0 - rate, x.shape[1:]))(keys)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 def _get(model, name: str):

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sparse_context_jax.lora import dropout as lora_dropout
 from sparse_context_jax.model.numerics import at_least_float32, sinusoid_angles
 
 Shape = tuple[int, ...]
@@ -53,7 +54,10 @@ class Linear(nnx.Module):
       y = y + self.bias[...].astype(self.dtype)
     if getattr(self, "lora_a", None) is not None:   # an adapter attached by sparse_context_jax.lora
       a, b = self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype)
-      u = jax.lax.dot_general(x.astype(self.dtype), a, (contract, ((), ())))
+      xa = x.astype(self.dtype)
+      if getattr(self, "lora_dropout_keys", None) is not None:   # the train step's forward pass only
+        xa = lora_dropout(xa, self.lora_dropout, self.lora_dropout_keys[...])
+      u = jax.lax.dot_general(xa, a, (contract, ((), ())))
       y = y + self.lora_scale * jax.lax.dot_general(u, b, (((u.ndim - 1,), (0,)), ((), ())))
     return y
 

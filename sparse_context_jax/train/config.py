@@ -183,6 +183,8 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
     raise ConfigError(f"train.schedule={t.schedule!r} (expected 'cosine' or 'constant')")
   if not 0 <= t.ema_decay < 1:
     raise ConfigError(f"train.ema_decay={t.ema_decay} (expected 0 <= decay < 1; 0 disables EMA)")
+  if not 0 <= config.lora.dropout < 1:
+    raise ConfigError(f"lora.dropout={config.lora.dropout} (expected 0 <= dropout < 1; 0 disables it)")
   o = config.objective
   try:
     ladder(o)

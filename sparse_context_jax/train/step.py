@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+import sparse_context_jax.lora as lora_lib
 from sparse_context_jax.parallel import batch_sharding, replicated
 from sparse_context_jax.programs import ProgramCache
 from sparse_context_jax.sparse import Rung
@@ -15,6 +16,7 @@ from sparse_context_jax.train.objective import draw_noise, loss_sums
 from sparse_context_jax.train.state import Setup, schedule
 
 METRICS = ("loss", "grad_norm", "lr", "examples")
+LORA_DROPOUT_STREAM = 0x10AD   # fold_in of the step key for the LoRA dropout keys
 
 
 def _micro_batches(batch: dict, n: int) -> dict:
@@ -32,10 +34,17 @@ def train_step(state: dict, batch: dict, *, graphdef, tx, config, rung: Rung):
 
   # Full fine-tune: the gradient is over `params`; LoRA: over `lora`, the base `params` frozen (a constant here).
   trained = "lora" if "lora" in state else "params"
+  dropout = float(config.lora.dropout) if trained == "lora" else 0.0
+  if dropout:   # a key per example from a stream of its own: the draws above are the same with or without it
+    B = batch["target"].shape[0]
+    batch["lora_keys"] = jax.random.key_data(jax.random.split(jax.random.fold_in(key, LORA_DROPOUT_STREAM), B))
 
   def loss(weights, micro):
     parts = (state["params"], weights) if trained == "lora" else (weights,)
     model = nnx.merge(graphdef, *parts)
+    if dropout:
+      micro = dict(micro)
+      lora_lib.with_dropout(model, dropout, micro.pop("lora_keys"))
     return loss_sums(model, objective, micro, rung)
 
   grad_fn = jax.value_and_grad(loss, has_aux=True)
