@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -63,6 +64,20 @@ def test_initial_params_are_the_converted_weights(tmp_path):
   # and the train program starts from them
   from sparse_context_jax.train.loop import train
   assert_same(flat(train(config, str(tmp_path / "run"), stop_after=0)["params"]), want)
+
+
+
+def test_a_lora_run_trains_adapters_over_the_converted_base(tmp_path):
+  """`model.init` with `lora.rank > 0`: the frozen base is the converted checkpoint, in the run's bfloat16
+  `param_dtype`, and the factors start with B = 0; the train program starts from them."""
+  want = {k: np.asarray(v).astype(jnp.bfloat16) for k, v in converted(tmp_path / "ckpt").items()}
+  config = tiny(*ARCH, f"model.init={tmp_path / 'ckpt'}", "model.param_dtype=bfloat16", "lora.rank=4")
+  from sparse_context_jax.train.loop import train
+  state = train(config, str(tmp_path / "run"), stop_after=0)
+  assert_same(flat(state["params"]), want)
+  factors = flat(state["lora"])
+  assert factors and all(not v.any() for k, v in factors.items() if k.endswith("lora_b"))
+  assert all(v.any() for k, v in factors.items() if k.endswith("lora_a"))
 
 
 SHARDED = textwrap.dedent("""
