@@ -61,11 +61,8 @@ def parse_args(argv=None):
   p.add_argument("--txt-len", type=int, default=512, help="text tokens")
   p.add_argument("--json", default="bench_lora_memory.json", help="where to write the rows")
   p.add_argument("--flops", action="store_true", help="also count the step's FLOPs (lowers the unrolled step)")
-  args, extra = p.parse_known_args(argv)
-  bad = [a for a in extra if not a.startswith("--config.")]
-  if bad:
-    p.error(f"unrecognized arguments: {' '.join(bad)}")
-  args.extra = [a[len("--config."):] for a in extra]
+  from sparse_context_jax.train import config as run_config   # imports jax, whose backend starts later (--devices)
+  args, args.extra = run_config.parse_with_overrides(p, argv)
   return args
 
 

@@ -58,11 +58,7 @@ def parse_args(argv=None):
                  "synthetic-world batch (needs no dataset code: grain, tfds)")
   p.add_argument("--quick", action="store_true", help="tiny only, 3 timed rounds, 1 warm-up: a check that it runs")
   p.add_argument("--out", default="bench_out", help="folder for the JSON and the plot")
-  args, extra = p.parse_known_args(argv)
-  bad = [a for a in extra if not a.startswith("--config.")]
-  if bad:
-    p.error(f"unrecognized arguments: {' '.join(bad)} (config overrides are --config.KEY=VALUE)")
-  args.overrides = [a[len("--config."):] for a in extra]
+  args, args.overrides = run_config.parse_with_overrides(p, argv)
   if args.quick:
     args.configs, args.rounds, args.warmup = ("tiny",), 3, 1
   if 1.0 not in args.keeps:

@@ -55,11 +55,8 @@ def parse_args(argv=None):
   p.add_argument("--keep", type=float, default=0.25, help="the sparse keep ratio evaluated besides dense")
   p.add_argument("--eval-examples", type=int, default=32, help="held-out and training examples evaluated")
   p.add_argument("--sample-steps", type=int, default=16, help="Euler steps of the generated targets")
-  args, extra = p.parse_known_args(argv)
-  bad = [a for a in extra if not a.startswith("--config.")]
-  if bad:
-    p.error(f"unrecognized arguments: {' '.join(bad)} (config overrides are --config.KEY=VALUE)")
-  args.overrides = LEARN + [a[len("--config."):] for a in extra]
+  args, overrides = run_config.parse_with_overrides(p, argv)
+  args.overrides = LEARN + overrides
   if args.steps is not None:
     args.overrides.append(f"train.steps={args.steps}")
   return args

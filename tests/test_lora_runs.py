@@ -148,17 +148,9 @@ def test_export_lora_of_what_holds_no_lora_is_a_one_line_error(lora_run, tmp_pat
 def test_read_lora_run_onto_a_mesh_keeps_the_train_shardings(lora_run):
   """On a (2, 2, 2) mesh of 8 fake CPU devices, the base and the LoRA are read into their train shardings and merged
   there: each merged parameter has the base's sharding and the merged values."""
-  import subprocess
-  import sys
-  from test_runs import ROOT, SHARDED
+  from test_runs import read_on_mesh
   workdir, config, final = lora_run
-  script = SHARDED.format(root=ROOT, tiny=TINY, overrides=LORA, run=workdir)
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  out = json.loads(proc.stdout.split("RESULT", 1)[1])
-  assert all(r["same"] for r in out.values()), {k: r["spec"] for k, r in out.items() if not r["same"]}
-  assert "fsdp" in " ".join(r["spec"] for r in out.values())
+  out = read_on_mesh(workdir, LORA)
   want = leaves(merged(final, config, "ema"))
   assert out.keys() == want.keys()
   for k, r in out.items():   # merged on 8 devices (their own dot kernels): equal to float32 rounding

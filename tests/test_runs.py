@@ -177,19 +177,27 @@ print("RESULT" + json.dumps(out))
 """
 
 
-def test_read_run_onto_a_mesh_gives_the_train_shardings(run, tmp_path):
-  """On a (2, 2, 2) mesh of 8 fake CPU devices, each parameter is read straight into the sharding the train state
-  gives it, with the same values."""
+def read_on_mesh(workdir, overrides) -> dict:
+  """`read_run(workdir, ema=True)` onto a (2, 2, 2) mesh of 8 fake CPU devices, in a process of its own: {parameter:
+  {same (its sharding is the train state's), spec, value}}, after checking every sharding is the train state's and
+  the mesh really splits parameters."""
   import subprocess
   import sys
-  workdir, _, final = run
-  script = SHARDED.format(root=ROOT, tiny=TINY, overrides=RUN, run=workdir)
+  script = SHARDED.format(root=ROOT, tiny=TINY, overrides=overrides, run=workdir)
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout.split("RESULT", 1)[1])
   assert all(r["same"] for r in out.values()), {k: r["spec"] for k, r in out.items() if not r["same"]}
-  assert "fsdp" in " ".join(r["spec"] for r in out.values())   # the mesh really splits parameters
+  assert "fsdp" in " ".join(r["spec"] for r in out.values())
+  return out
+
+
+def test_read_run_onto_a_mesh_gives_the_train_shardings(run, tmp_path):
+  """On a (2, 2, 2) mesh of 8 fake CPU devices, each parameter is read straight into the sharding the train state
+  gives it, with the same values."""
+  workdir, _, final = run
+  out = read_on_mesh(workdir, RUN)
   want = leaves(final["ema"])
   assert out.keys() == want.keys()
   for k, r in out.items():

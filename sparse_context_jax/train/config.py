@@ -103,6 +103,16 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
   return config
 
 
+
+def parse_with_overrides(parser, argv=None):
+  """`parser.parse_known_args` for a script that also takes `--config.KEY=VALUE` overrides: (args, the overrides
+  without their prefix); any other unknown argument is the parser's usual error."""
+  args, extra = parser.parse_known_args(argv)
+  bad = [a for a in extra if not a.startswith("--config.")]
+  if bad:
+    parser.error(f"unrecognized arguments: {' '.join(bad)} (config overrides are --config.KEY=VALUE)")
+  return args, [a[len("--config."):] for a in extra]
+
 # What a resumed run may change (dotted config keys or prefixes): how it runs, never what it trains. model.init is
 # read only by a fresh run (a resume restores its own checkpoint), so it may move.
 RESUME_MAY_CHANGE = ("train.steps", "train.grad_accum", "log.", "checkpoint.", "mesh", "sharding_rules.",
