@@ -23,11 +23,14 @@ CHIPS = {"v5e-16": 16, "v5e-64": 64, "v5e-256": 256, "v5p-32": 16, "v5p-128": 64
 # (preset, refs, slice, remat, attention, LoRA rank)
 CELLS = [
     ("flux2-klein-4b", 1, "v5p-32", "dots_no_batch", "auto", 0),
+    ("flux2-klein-4b", 1, "v5e-16", "full", "auto", 0),
     ("flux2-klein-4b", 1, "v6e-16", "dots_no_batch", "auto", 0),
     ("flux2-klein-4b", 4, "v5e-16", "full", "auto", 0),
     ("flux2-klein-4b", 4, "v5p-128", "dots_no_batch", "auto", 0),
+    ("flux2-klein-4b", 4, "v6e-16", "full", "auto", 0),
     ("flux2-klein-9b", 1, "v5e-16", "full", "auto", 0),
     ("flux2-klein-9b", 1, "v5p-128", "dots_no_batch", "auto", 0),
+    ("flux2-klein-9b", 1, "v6e-16", "full", "auto", 0),
     ("flux2-klein-9b", 4, "v5e-64", "full", "auto", 0),
     ("flux2-klein-9b", 4, "v5e-256", "full", "auto", 0),
     ("flux2-klein-9b", 4, "v5p-32", "dots_no_batch", "auto", 0),

@@ -19,7 +19,7 @@ import reference as ref
 from test_lora_in import _diffusers, _forward, _ours
 from sparse_context_jax import lora as lora_lib
 from sparse_context_jax.convert import load_state_dict
-from sparse_context_jax.lora.files import export_lora
+from sparse_context_jax.convert.lora_out import export_lora
 from sparse_context_jax.model.mmdit import MMDiT
 from sparse_context_jax.train.state import split_state
 

@@ -18,7 +18,7 @@ from sparse_context_jax import cli
 from sparse_context_jax import lora as lora_lib
 from sparse_context_jax.convert import load_model
 from sparse_context_jax.convert.run import open_run, read_lora, read_run
-from sparse_context_jax.lora.files import export_lora
+from sparse_context_jax.convert.lora_out import export_lora
 from sparse_context_jax.train import config as C
 from test_runs import RUN, TINY, assert_bitwise, leaves
 

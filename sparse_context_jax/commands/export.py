@@ -1,7 +1,7 @@
 """`export CKPT OUT.safetensors --layout bfl|diffusers`: a converted checkpoint (transformer or VAE), or the weights of
 a training run (`export RUN_DIR[/checkpoints/STEP] OUT.safetensors --layout bfl|diffusers [--ema]`, a LoRA run's
 LoRA merged into its base), back to one PyTorch file; `export RUN_DIR OUT.safetensors --lora [--layout
-diffusers|bfl]`: a LoRA run's LoRA alone (`lora.files.export_lora`, diffusers layout unless --layout)."""
+diffusers|bfl]`: a LoRA run's LoRA alone (`convert.lora_out.export_lora`, diffusers layout unless --layout)."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def run(args) -> int:
 def _export_lora(ckpt, out, *, layout: str, force: bool, step: int | None, ema: bool) -> None:
   """The LoRA factors of a LoRA run's step (their EMA with `ema`) to one safetensors file in `layout`."""
   from sparse_context_jax.convert.run import is_run, open_run, read_lora
-  from sparse_context_jax.lora.files import export_lora
+  from sparse_context_jax.convert.lora_out import export_lora
   check_destination(out, force)
   if not is_run(ckpt):
     raise CheckpointError(f"{ckpt} is not a training run: --lora exports the LoRA a training run trained (drop "

@@ -239,7 +239,7 @@ def read_params(run: RunStep, *, dtype=None, mesh: jax.sharding.Mesh | None = No
 
 def read_lora(run: RunStep) -> dict:
   """A LoRA run's factors (their EMA with ema) as the pure dict of host arrays in the stored dtype that
-  `lora.merge_lora` and `lora.files.export_lora` take; a CheckpointError (one line) for a run without LoRA."""
+  `lora.merge_lora` and `convert.lora_out.export_lora` take; a CheckpointError (one line) for a run without LoRA."""
   if not run.lora:
     raise CheckpointError(f"{run.description} trained no LoRA (its config.lora.rank is "
                           f"{run.config.get('lora', {}).get('rank', 0)}): it has no LoRA to read")

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sparse_context_jax.model.layers import lora_dropout as dropout  # noqa: F401  (applied by the Linear)
+
 # What FLUX LoRA trainers target: attention q/k/v and output projections of both streams, the single blocks'
 # fused input (q/k/v + MLP in) and output (attention out + MLP out) projections.
 DEFAULT_TARGETS = (
@@ -113,15 +115,6 @@ def with_dropout(model: nnx.Module, rate: float, example_keys: jax.Array) -> Non
     keys = jnp.moveaxis(jax.vmap(layer_keys)(example_keys), 1, 0)          # (n, B, 2)
     lin.lora_dropout = float(rate)
     lin.lora_dropout_keys = DropoutKeys(keys.reshape(lead + keys.shape[1:]))
-
-
-def dropout(x: jax.Array, rate: float, keys: jax.Array) -> jax.Array:
-  """x (B, ...) with each entry zeroed with probability `rate` and the others scaled by 1 / (1 - rate); example b's
-  mask is drawn from keys[b] ((B, 2) key data) alone."""
-  if keys.shape[0] != x.shape[0]:
-    raise ValueError(f"LoRA dropout keys for {keys.shape[0]} examples, input of shape {x.shape}")
-  keep = jax.vmap(lambda k: jax.random.bernoulli(jax.random.wrap_key_data(k), 1.0 - rate, x.shape[1:]))(keys)
-  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 def _get(model, name: str):

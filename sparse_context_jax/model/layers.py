@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparse_context_jax.lora import dropout as lora_dropout
 from sparse_context_jax.model.numerics import at_least_float32, sinusoid_angles
 
 Shape = tuple[int, ...]
@@ -22,6 +21,15 @@ Shape = tuple[int, ...]
 
 def _as_shape(s: int | Sequence[int]) -> Shape:
   return (int(s),) if isinstance(s, (int, np.integer)) else tuple(int(d) for d in s)
+
+
+def lora_dropout(x: jax.Array, rate: float, keys: jax.Array) -> jax.Array:
+  """x (B, ...) with each entry zeroed with probability `rate` and the others scaled by 1 / (1 - rate); example b's
+  mask is drawn from keys[b] ((B, 2) key data) alone."""
+  if keys.shape[0] != x.shape[0]:
+    raise ValueError(f"LoRA dropout keys for {keys.shape[0]} examples, input of shape {x.shape}")
+  keep = jax.vmap(lambda k: jax.random.bernoulli(jax.random.wrap_key_data(k), 1.0 - rate, x.shape[1:]))(keys)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 class Linear(nnx.Module):
