@@ -159,26 +159,14 @@ def run(args) -> int:
   return 0
 
 
-def _jobs(cfg, config, args):
-  """The held-out examples (the world of seed+1, as launch/learn_world.py holds out) and, per run, their jobs:
-  {run name: [Job]}; the same prompt, references and noise seed in every run."""
-  from sparse_context_jax.data.world import example
-  from sparse_context_jax.encoders.base import unit_range
-  from sparse_context_jax.generate.jobs import TASK_STRATEGY, make_job
+def _requests(keep: float) -> dict:
+  """Per run, the request of example i of a task: dense, the task-aware default at `keep`, random at `keep`."""
+  from sparse_context_jax.generate.jobs import TASK_STRATEGY
   from sparse_context_jax.sparse import SparseRequest
-  w = config.data.world
-  size = tuple(w.size)
-  examples = [example(w.seed + 1, i, size, w.max_refs, tuple(w.tasks)) for i in range(args.examples)]
-  runs = {"dense": lambda task, i: SparseRequest("random", keep=1.0, seed=i),   # every token: no scores needed
-          f"task-aware, keep {args.keep:g}": lambda task, i: SparseRequest(
-              "hybrid", keep=args.keep, hybrid_base=TASK_STRATEGY[task][1], seed=i),
-          f"random, keep {args.keep:g}": lambda task, i: SparseRequest("random", keep=args.keep, seed=i)}
-  jobs = {name: [make_job(cfg, line=i, output=None, references=[unit_range(r) for r in ex.references],
-                          masks=[m > 127 for m in ex.masks], request=request(ex.task, i), size=size,
-                          prompt=ex.caption, steps=args.sample_steps, seed=i)
-                 for i, ex in enumerate(examples)]
-          for name, request in runs.items()}
-  return examples, jobs
+  return {"dense": lambda ex, i: SparseRequest("random", keep=1.0, seed=i),   # every token: no scores needed
+          f"task-aware, keep {keep:g}": lambda ex, i: SparseRequest(
+              "hybrid", keep=keep, hybrid_base=TASK_STRATEGY[ex.task][1], seed=i),
+          f"random, keep {keep:g}": lambda ex, i: SparseRequest("random", keep=keep, seed=i)}
 
 
 def _generation(args, config, run_dir: Path) -> None:
@@ -187,83 +175,52 @@ def _generation(args, config, run_dir: Path) -> None:
 
   from sparse_context_jax.convert import load_model
   from sparse_context_jax.convert.run import open_run
-  from sparse_context_jax.data.world import psnr
   from sparse_context_jax.encoders import records
-  from sparse_context_jax.encoders.base import to_uint8, unit_range
-  from sparse_context_jax.figures import grid_png, kept_overlay
   from sparse_context_jax.generate import Generator, Pipeline
-  from sparse_context_jax.generate.prompts import encode_job_prompts
+  from sparse_context_jax.generate.heldout import (at_tokens, example_grid, heldout_examples, psnr_to, run_world,
+                                                   world_jobs)
   from sparse_context_jax.images import encode_png
   from sparse_context_jax.model.positions import token_grid
-  from sparse_context_jax.sparse.select import top_k
 
   opened = open_run(run_dir)
   image, text = records.image_encoder(opened.encoders["image"]), records.text_encoder(opened.encoders["text"])
   pipeline = Pipeline(load_model(run_dir), image, mesh=Mesh(np.array(jax.devices()), ("data",)))
   gen = Generator(pipeline, batch_size=args.batch)
-  examples, jobs = _jobs(opened.model, config, args)
-  size, grid = tuple(config.data.world.size), token_grid(tuple(config.data.world.size))
-  px = lambda img: to_uint8(image.decode(image.encode(unit_range(img)), size))   # at the tokens' resolution
-  truth = [px(ex.target) for ex in examples]
+  w = config.data.world
+  examples = heldout_examples(w, args.examples, seed=w.seed + 1)   # the world learn_world.py holds out
+  size, grid = tuple(w.size), token_grid(tuple(w.size))
+  truth = [at_tokens(image, ex.target, size) for ex in examples]
   tasks = sorted({ex.task for ex in examples})
   out = Path(args.out).resolve()
   out.mkdir(parents=True, exist_ok=True)
 
   print(f"\nHeld-out synthetic-world examples ({args.examples}: {', '.join(tasks)}; world seed "
-        f"{config.data.world.seed + 1}, never trained on), {args.sample_steps} Euler steps, batches of {args.batch}, "
+        f"{w.seed + 1}, never trained on), {args.sample_steps} Euler steps, batches of {args.batch}, "
         f"through the Generator with the run's encoders ({image.name}, {text.name}). PSNR (dB) against the exact "
         f"ground truth at the tokens' resolution ({truth[0].shape[0]}x{truth[0].shape[1]} px):")
   header = f"{'run':<22} {'PSNR':>6} " + "".join(f"{t:>12}" for t in tasks)
   print(f"\n{header} {'kept ref tokens':>16} {'images/s':>9} {'speed-up':>9} {'sampling ms/img':>16}")
   scores = lambda made: {"all": float(np.mean(made)),
                          **{t: float(np.mean([p for p, ex in zip(made, examples) if ex.task == t])) for t in tasks}}
-  copy = scores([psnr(px(ex.references[0]), t) for ex, t in zip(examples, truth)])
+  copy = scores(psnr_to([at_tokens(image, ex.references[0], size) for ex in examples], truth))
+  total = sum(len(ex.references) * grid[0] * grid[1] for ex in examples)
   results, base = {}, None
-  for name, run_jobs in jobs.items():
-    run_jobs, bad, _ = encode_job_prompts(run_jobs, text, max_sequence_length=config.data.txt_len,
-                                          batch_size=args.batch)
-    if bad:
-      raise AssertionError(f"the demo's own jobs are invalid: {bad}")
-    generate = lambda: sorted(_succeeded(gen.run(run_jobs)), key=lambda r: r.job.line)
-    made = generate()   # compiles its programs
-    seconds, sampling = [], []
-    for _ in range(args.repeats):
-      tic = time.perf_counter()
-      made = generate()
-      seconds.append(time.perf_counter() - tic)
-      sampling.append(sum(r.batch_seconds / r.batch_size for r in made) / len(made))   # the batches' programs
-    per_s = len(made) / float(np.median(seconds))
-    base = base or per_s
-    kept = sum(sum(r.prepared.kept) for r in made)
-    total = sum(len(ex.references) * grid[0] * grid[1] for ex in examples)
-    s = scores([psnr(r.pixels, t) for r, t in zip(made, truth)])
-    results[name] = made
+  for name, request in _requests(args.keep).items():
+    run = run_world(gen, text, world_jobs(opened.model, examples, request, args.sample_steps),
+                    txt_len=config.data.txt_len, batch=args.batch, repeats=args.repeats)
+    base = base or run.images_per_s
+    s = scores(psnr_to(run.pixels, truth))
+    results[name] = run.results
     print(f"{name:<22} {s['all']:>6.2f} " + "".join(f"{s[t]:>12.2f}" for t in tasks) +
-          f" {f'{kept}/{total}':>16} {per_s:>9.1f} {per_s / base:>8.2f}x {1e3 * np.median(sampling):>16.2f}")
-    for r in made:
+          f" {f'{run.kept}/{total}':>16} {run.images_per_s:>9.1f} {run.images_per_s / base:>8.2f}x "
+          f"{1e3 * run.sampling_s:>16.2f}")
+    for r in run.results:
       (out / f"{name.split(',')[0]}_{r.job.line}.png").write_bytes(encode_png(r.pixels))
   print(f"{'copy first reference':<22} {copy['all']:>6.2f} " + "".join(f"{copy[t]:>12.2f}" for t in tasks))
 
   if args.rows:
     names = list(results)
-    rows = []
-    for i in range(min(args.rows, len(examples))):
-      sparse = results[names[1]][i].prepared
-      idx, ok = top_k(sparse.scores[0][None], np.asarray(sparse.kept[:1]), grid[0] * grid[1])
-      refs = [px(r) for r in examples[i].references]
-      rows.append([refs[0], refs[1] if len(refs) > 1 else None, truth[i], *(results[n][i].pixels for n in names),
-                   kept_overlay(refs[0], np.asarray(idx)[0][np.asarray(ok)[0]], grid)])
-    titles = ["reference 1", "reference 2", "ground truth", "dense", f"task-aware {args.keep:g}",
-              f"random {args.keep:g}", "kept (task-aware)"]
-    (out / "grid.png").write_bytes(grid_png(rows, titles))
+    titles = ["dense", f"task-aware {args.keep:g}", f"random {args.keep:g}"]
+    (out / "grid.png").write_bytes(example_grid(image, examples[:args.rows], dict(zip(titles, results.values())),
+                                                overlay=titles[1]))
   print(f"\nwrote {out}/grid.png and the generated PNGs (run_INDEX.png)")
-
-
-def _succeeded(results) -> list:
-  """The generator's results; the demo's own jobs failing is a bug, raised with the job's error."""
-  from sparse_context_jax.generate import Failed
-  results = list(results)
-  failed = [r for r in results if isinstance(r, Failed)]
-  if failed:
-    raise AssertionError(f"the demo's job {failed[0].job.line} failed: {failed[0].error}")
-  return results
