@@ -37,7 +37,7 @@ def add_arguments(parser) -> None:
   parser.add_argument("--steps", type=int, default=None, help="train steps of the world model (default the "
                       "config's); another count is another cached model")
   parser.add_argument("--seed", type=int, default=0, help="the training seed (another seed, another model)")
-  parser.add_argument("--examples", type=int, default=8, help="held-out synthetic-world examples generated (the "
+  parser.add_argument("--examples", type=int, default=32, help="held-out synthetic-world examples generated (the "
                       "tasks alternate)")
   parser.add_argument("--keep", type=float, default=0.25, help="keep ratio of the sparse runs, in (0, 1]")
   parser.add_argument("--sample-steps", type=int, default=16, help="Euler steps per generated image")
