@@ -17,6 +17,7 @@ from PIL import Image
 
 from sparse_context_jax.commands import demo
 from sparse_context_jax.convert.run import open_run
+from sparse_context_jax.generate.heldout import heldout_examples, world_jobs
 from sparse_context_jax.train.metrics import read_metrics
 
 STEPS = 6
@@ -78,8 +79,11 @@ def test_demo_trains_once_then_loads_and_retrains_an_incomplete_cache(tmp_path):
   for run in ("dense", "task-aware", "random"):
     assert sorted(p.name for p in out.glob(f"{run}_*.png")) == [f"{run}_0.png", f"{run}_1.png"]
   # the dense PNG is the trained model's output: generated again by `generate --model RUN_DIR` from the same job
-  examples, jobs = demo._jobs(opened.model, demo.world_config(_args(tmp_path)), _args(tmp_path))
-  _same_as_generate(tmp_path, run_dir, examples[0], jobs["dense"][0], out / "dense_0.png")
+  args = _args(tmp_path)
+  world = demo.world_config(args).data.world
+  examples = heldout_examples(world, args.examples, seed=world.seed + 1)
+  jobs = world_jobs(opened.model, examples, demo._requests(args.keep)["dense"], args.sample_steps)
+  _same_as_generate(tmp_path, run_dir, examples[0], jobs[0], out / "dense_0.png")
 
   # second call: loaded from the cache, nothing trained, the same numbers
   metrics = (run_dir / "metrics.jsonl").read_bytes()
