@@ -1,6 +1,6 @@
 """The paper's experiments in miniature, on the synthetic world (exact ground truth), from real runs on this machine.
 
-  python launch/paper_table.py --out paper_out            # the full experiment (about 20 minutes on 2 CPU cores)
+  python launch/paper_table.py --out paper_out            # the full experiment (about 15 minutes on 2 CPU cores)
   python launch/paper_table.py --out /tmp/quick --quick   # a smoke run of every stage (about 2 minutes)
 
 Stages (the train program, configs/world.py with 1..4 references):
@@ -41,8 +41,8 @@ from sparse_context_jax.convert.checkpoint import save  # noqa: E402
 from sparse_context_jax.convert.run import open_run  # noqa: E402
 from sparse_context_jax.encoders import records  # noqa: E402
 from sparse_context_jax.generate import Generator, Pipeline  # noqa: E402
-from sparse_context_jax.generate.heldout import (at_tokens, example_grid, heldout_examples, psnr_to,  # noqa: E402
-                                                 run_world, world_jobs)
+from sparse_context_jax.generate.heldout import (at_tokens, copy_psnr, example_grid, heldout_examples,  # noqa: E402
+                                                 psnr_to, run_world, world_jobs)
 from sparse_context_jax.generate.jobs import TASK_STRATEGY  # noqa: E402
 from sparse_context_jax.model.jitted import JittedMMDiT  # noqa: E402
 from sparse_context_jax.model.positions import token_grid  # noqa: E402
@@ -83,7 +83,8 @@ def stage_config(args, stage: str, seed: int, init: str | None = None):
   plan = args.plan
   overrides = ["data.world.max_refs=4", "data.max_refs=4", f"seed={seed}", "log.progress=False",
                f"train.steps={plan['stage1' if stage == '1' else 'stage2']}",
-               *(dropping(plan["ladder"]) if stage == "2b" else DENSE), *([f"model.init={init}"] if init else []), *args.overrides]
+               *(dropping(plan["ladder"]) if stage == "2b" else DENSE), *([f"model.init={init}"] if init else []),
+               *args.overrides]
   config = run_config.apply_overrides(run_config.load(WORLD), overrides)
   config.checkpoint.every = config.train.steps
   run_config.validate(config, jax.device_count())
@@ -96,21 +97,24 @@ def train_stage(args, stage: str, seed: int, init: str | None = None) -> tuple[s
   config = stage_config(args, stage, seed, init)
   done = os.path.join(workdir, "done.json")
   if os.path.isfile(done):
-    return workdir, json.load(open(done))["seconds"]
+    with open(done) as f:
+      return workdir, json.load(f)["seconds"]
   tic = time.perf_counter()
   train(config, workdir)
   seconds = time.perf_counter() - tic
-  json.dump({"seconds": seconds}, open(done, "w"))
+  with open(done, "w") as f:
+    json.dump({"seconds": seconds}, f)
   print(f"  stage {stage} seed {seed}: {config.train.steps} steps in {seconds:.1f} s", flush=True)
   return workdir, seconds
 
 
 class Evaluator:
-  """One model's generations of the held-out settings, with its dense outputs kept for the PSNR against them."""
+  """One model's generations of the held-out settings (`examples` and their ground truth `truths`, per setting),
+  with its dense outputs kept for the PSNR against them."""
 
-  def __init__(self, args, run_dir: str, config, examples: dict):
+  def __init__(self, args, run_dir: str, config, examples: dict, truths: dict):
     opened = open_run(run_dir)
-    self.args, self.config, self.examples, self.cfg = args, config, examples, opened.model
+    self.args, self.config, self.examples, self.truths, self.cfg = args, config, examples, truths, opened.model
     self.image = records.image_encoder(opened.encoders["image"])
     self.text = records.text_encoder(opened.encoders["text"])
     self.gen = Generator(Pipeline(load_model(run_dir), self.image), batch_size=args.batch)
@@ -121,12 +125,11 @@ class Evaluator:
     examples = self.examples[setting]
     out = run_world(self.gen, self.text, world_jobs(self.cfg, examples, request, self.args.sample_steps),
                     txt_len=self.config.data.txt_len, batch=self.args.batch, repeats=repeats)
-    truth = [at_tokens(self.image, ex.target, self.size) for ex in examples]
     if name == "dense":
       self.dense[setting] = out.pixels
     grid = token_grid(self.size)
     total = sum(len(ex.references) for ex in examples) * grid[0] * grid[1]
-    return dict(psnr=float(np.mean(psnr_to(out.pixels, truth))),
+    return dict(psnr=float(np.mean(psnr_to(out.pixels, self.truths[setting]))),
                 psnr_dense=float(np.mean(psnr_to(out.pixels, self.dense[setting]))) if name != "dense" else None,
                 kept=out.kept / total, sequence=int(np.mean([r.prepared.sequence for r in out.results])),
                 sampling_s=out.sampling_s, results=out.results)
@@ -156,7 +159,7 @@ def step_flops(model, config, sequence: int, n_target: int) -> float:
       txt_ids=jnp.zeros((1, T, cfg.n_axes)), img_lengths=jnp.full((1,), n_target, jnp.int32))
 
 
-def baselines(image, config, examples: dict, size) -> dict:
+def baselines(image, config, examples: dict, truths: dict, size) -> dict:
   """Per setting: PSNR of copying the first reference and of the mean training target."""
   w = config.data.world
   train_targets = heldout_examples(w, 256, seed=w.seed)
@@ -164,9 +167,8 @@ def baselines(image, config, examples: dict, size) -> dict:
   mean = np.round(mean).astype(np.uint8)
   out = {}
   for setting, exs in examples.items():
-    truth = [at_tokens(image, ex.target, size) for ex in exs]
-    out[setting] = {"copy": float(np.mean(psnr_to([at_tokens(image, ex.references[0], size) for ex in exs],
-                                                  truth))),
+    truth = truths[setting]
+    out[setting] = {"copy": float(np.mean(copy_psnr(image, exs, truth))),
                     "mean target": float(np.mean(psnr_to([mean] * len(exs), truth)))}
   return out
 
@@ -177,7 +179,7 @@ def main(argv=None) -> int:
   os.makedirs(args.out, exist_ok=True)
   plan, tic = args.plan, time.perf_counter()
   try:
-    stage_config(args, "1", 0)
+    config = stage_config(args, "1", 0)   # the stage-1 config: it also sets the held-out world
   except run_config.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -192,15 +194,16 @@ def main(argv=None) -> int:
     for stage in ("2a", "2b"):
       runs.setdefault(stage, {})[seed], seconds[f"{stage} seed {seed}"] = train_stage(args, stage, seed, init)
 
-  config = stage_config(args, "1", 0)
   w = config.data.world
   examples = {(task, refs): heldout_examples(w, plan["examples"], seed=w.seed + 1, refs=refs, tasks=(task,))
               for task, refs in plan["settings"]}
+  image = records.image_encoder(open_run(s1).encoders["image"])   # every stage's run records the same encoders
+  truths = {s: [at_tokens(image, ex.target, tuple(w.size)) for ex in exs] for s, exs in examples.items()}
   rows, headline = [], {}
   print("evaluating", flush=True)
   for stage in ("1", "2a", "2b"):
     for seed, run_dir in runs[stage].items():
-      ev = Evaluator(args, run_dir, config, examples)
+      ev = Evaluator(args, run_dir, config, examples, truths)
       for setting in examples:
         task, refs = setting
         reqs = requests(plan, task)
@@ -230,8 +233,7 @@ def main(argv=None) -> int:
     r["flop_ratio"] = flops[d["sequence"]] / flops[r["sequence"]]
     r["speedup"] = d["sampling_s"] / r["sampling_s"] if r["timed"] and d["timed"] else None
 
-  ev_image = records.image_encoder(open_run(s1).encoders["image"])
-  points = baselines(ev_image, config, examples, tuple(w.size))
+  points = baselines(image, config, examples, truths, tuple(w.size))
   total = time.perf_counter() - tic
   summary = dict(plan={k: list(v) if isinstance(v, tuple) else v for k, v in plan.items()}, seeds=args.seeds,
                  overrides=args.overrides, train_seconds=seconds, total_seconds=total,
@@ -246,7 +248,7 @@ def main(argv=None) -> int:
   plots(rows, points, args)
   shown = [list(headline)[0], list(headline)[-1]]   # three examples of the first and of the last setting
   pick = lambda name: [r for s in shown for r in headline[s][name][:3]]
-  grid = example_grid(ev_image, [ex for s in shown for ex in examples[s][:3]],
+  grid = example_grid(image, [ex for s in shown for ex in examples[s][:3]],
                       {"dense": pick("dense"), "task-aware 0.25": pick("hybrid 0.25"),
                        "random 0.25": pick("random 0.25")}, overlay="task-aware 0.25")
   with open(os.path.join(args.out, "grid.png"), "wb") as f:
@@ -334,7 +336,8 @@ def plots(rows, points, args) -> None:
       dense = pick(stage=stage, task=task, refs=refs, run="dense")[0]["psnr"]
       for s, ls in (("hybrid", "-"), ("random", "--")):
         ys = [pick(stage=stage, task=task, refs=refs, run=f"{s} {k:g}")[0]["psnr"] for k in keeps[:-1]] + [dense]
-        ax.plot(keeps, ys, "o" + ls, ms=3, color=f"C{i}", label=f"stage {stage}, {'task-aware' if s == 'hybrid' else s}")
+        label = f"stage {stage}, {'task-aware' if s == 'hybrid' else s}"
+        ax.plot(keeps, ys, "o" + ls, ms=3, color=f"C{i}", label=label)
     ax.set_xscale("log", base=2)
   finish(fig, axes, "stages_vs_keep.png", "keep ratio")
 

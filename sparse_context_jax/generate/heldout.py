@@ -62,6 +62,11 @@ def psnr_to(made: Sequence[np.ndarray], truth: Sequence[np.ndarray]) -> list[flo
   return [psnr(a, b) for a, b in zip(made, truth, strict=True)]
 
 
+def copy_psnr(image, examples: Sequence[SyntheticExample], truth: Sequence[np.ndarray]) -> list[float]:
+  """PSNR of copying each example's first reference (the answer of an editor that ignores the caption)."""
+  return psnr_to([at_tokens(image, ex.references[0], tuple(ex.target.shape[:2])) for ex in examples], truth)
+
+
 def world_jobs(cfg, examples: Sequence[SyntheticExample], request: Callable[[SyntheticExample, int], SparseRequest],
                steps: int) -> list[Job]:
   """One job per example (caption as the prompt, its references and masks), noise seed = its index."""
