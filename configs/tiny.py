@@ -8,6 +8,7 @@ stand-in hashed caption embedding (encoders/hashed_text.py).
 """
 
 from configs import base
+from sparse_context_jax.data.world import caption_words
 
 
 def get_config(arg: str | None = None):
@@ -26,7 +27,7 @@ def get_config(arg: str | None = None):
   c.data.world.update(count=64, size=(64, 64), max_refs=1 if family == "flux1" else 2)
   c.data.max_refs = c.data.world.max_refs
   c.data.resolution = 64
-  c.data.txt_len = 8
+  c.data.txt_len = caption_words(c.data.world.max_refs)   # every caption whole: 18 words (9 for flux1)
   c.train.update(steps=60, batch_size=8, lr=1e-3, warmup_steps=5)
   c.checkpoint.every = 20
   c.log.every = 1

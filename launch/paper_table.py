@@ -39,10 +39,11 @@ from sparse_context_jax import compile_cache  # noqa: E402
 from sparse_context_jax.convert import load_model  # noqa: E402
 from sparse_context_jax.convert.checkpoint import save  # noqa: E402
 from sparse_context_jax.convert.run import open_run  # noqa: E402
+from sparse_context_jax.data.world import caption_words  # noqa: E402
 from sparse_context_jax.encoders import records  # noqa: E402
 from sparse_context_jax.generate import Generator, Pipeline  # noqa: E402
 from sparse_context_jax.generate.heldout import (at_tokens, copy_psnr, example_grid, heldout_examples,  # noqa: E402
-                                                 psnr_to, run_world, world_jobs)
+                                                 mean_target, psnr_to, run_world, world_jobs)
 from sparse_context_jax.generate.jobs import TASK_STRATEGY  # noqa: E402
 from sparse_context_jax.model.jitted import JittedMMDiT  # noqa: E402
 from sparse_context_jax.model.positions import token_grid  # noqa: E402
@@ -81,7 +82,8 @@ def parse_args(argv=None):
 
 def stage_config(args, stage: str, seed: int, init: str | None = None):
   plan = args.plan
-  overrides = ["data.world.max_refs=4", "data.max_refs=4", f"seed={seed}", "log.progress=False",
+  overrides = ["data.world.max_refs=4", "data.max_refs=4", f"data.txt_len={caption_words(4)}", f"seed={seed}",
+               "log.progress=False",
                f"train.steps={plan['stage1' if stage == '1' else 'stage2']}",
                *(dropping(plan["ladder"]) if stage == "2b" else DENSE), *([f"model.init={init}"] if init else []),
                *args.overrides]
@@ -131,7 +133,8 @@ class Evaluator:
     total = sum(len(ex.references) for ex in examples) * grid[0] * grid[1]
     return dict(psnr=float(np.mean(psnr_to(out.pixels, self.truths[setting]))),
                 psnr_dense=float(np.mean(psnr_to(out.pixels, self.dense[setting]))) if name != "dense" else None,
-                kept=out.kept / total, sequence=int(np.mean([r.prepared.sequence for r in out.results])),
+                kept=out.kept / total, sequences=sorted({r.prepared.sequence for r in out.results}),
+                jobs_at=[r.prepared.sequence for r in out.results],
                 sampling_s=out.sampling_s, results=out.results)
 
 
@@ -159,13 +162,9 @@ def step_flops(model, config, sequence: int, n_target: int) -> float:
       txt_ids=jnp.zeros((1, T, cfg.n_axes)), img_lengths=jnp.full((1,), n_target, jnp.int32))
 
 
-def baselines(image, config, examples: dict, truths: dict, size) -> dict:
+def baselines(image, config, examples: dict, truths: dict) -> dict:
   """Per setting: PSNR of copying the first reference and of the mean training target."""
-  w = config.data.world
-  train_targets = heldout_examples(w, 256, seed=w.seed)
-  mean = np.mean([at_tokens(image, ex.target, size).astype(np.float64) for ex in train_targets], axis=0)
-  mean = np.round(mean).astype(np.uint8)
-  out = {}
+  mean, out = mean_target(image, config.data.world), {}
   for setting, exs in examples.items():
     truth = truths[setting]
     out[setting] = {"copy": float(np.mean(copy_psnr(image, exs, truth))),
@@ -219,21 +218,20 @@ def main(argv=None) -> int:
       print(f"  stage {stage} seed {seed}: {sum(1 for r in rows if r['stage'] == stage and r['seed'] == seed)} "
             f"rows ({time.perf_counter() - tic:.0f} s)", flush=True)
 
-  # FLOP ratios (XLA's count, one denoiser call) and measured speed-ups, per (setting, sequence)
+  # FLOP ratios (XLA's count of one denoiser call, averaged over the jobs' buckets) and measured speed-ups
   model = load_model(s1)
   n_target = token_grid(tuple(w.size))[0] * token_grid(tuple(w.size))[1]
-  flops = {}
+  flops = {n: step_flops(model, config, n, n_target) for n in sorted({n for r in rows for n in r["sequences"]})}
+  job_flops = lambda r: float(np.mean([flops[n] for n in r.pop("jobs_at")]))   # adaptive rows mix buckets
   for r in rows:
-    key = r["sequence"]
-    if key not in flops:
-      flops[key] = step_flops(model, config, key, n_target)
+    r["flops"] = job_flops(r)
   dense_rows = {(r["stage"], r["seed"], r["task"], r["refs"]): r for r in rows if r["run"] == "dense"}
   for r in rows:
     d = dense_rows[(r["stage"], r["seed"], r["task"], r["refs"])]
-    r["flop_ratio"] = flops[d["sequence"]] / flops[r["sequence"]]
+    r["flop_ratio"] = d["flops"] / r["flops"]
     r["speedup"] = d["sampling_s"] / r["sampling_s"] if r["timed"] and d["timed"] else None
 
-  points = baselines(image, config, examples, truths, tuple(w.size))
+  points = baselines(image, config, examples, truths)
   total = time.perf_counter() - tic
   summary = dict(plan={k: list(v) if isinstance(v, tuple) else v for k, v in plan.items()}, seeds=args.seeds,
                  overrides=args.overrides, train_seconds=seconds, total_seconds=total,

@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "launch", "bench_lora_memory.py")
 TINY = os.path.join(ROOT, "configs", "tiny.py")
 DEVICES = 4
-SHAPES = ["--resolution", "64", "--refs", "2", "--txt-len", "8"]
+SHAPES = ["--resolution", "64", "--refs", "2", "--txt-len", "18"]
 # the tiny model at hidden width 128, so a rank-16 adapter is small beside its Linear's kernel (as at full size)
 WIDE = ["model.arch.head_dim=64", "model.arch.axes_dims=(16, 16, 16, 16)"]
 MESH = {"data": 1, "fsdp": DEVICES, "tensor": 1}
@@ -87,7 +87,7 @@ def test_lora_memory_rows_match_independent_sizes(tmp_path):
   full, lora = data["rows"]
   assert "| flux2-klein-4b | full, float32 |" in r.stdout and "| flux2-klein-4b | LoRA r16, bfloat16 base |" in r.stdout
   for row, rank, itemsize, dtype in ((full, 0, 4, "float32"), (lora, 16, 2, "bfloat16")):
-    config = C.apply_overrides(C.load(TINY), WIDE + ["data.resolution=64", "data.max_refs=2", "data.txt_len=8",
+    config = C.apply_overrides(C.load(TINY), WIDE + ["data.resolution=64", "data.max_refs=2", "data.txt_len=18",
                                                      f"train.batch_size={DEVICES}", f"mesh=(1, {DEVICES}, 1)"])
     want = independent(config, rank, itemsize)
     assert row["param_dtype"] == dtype and row["lora_rank"] == rank

@@ -30,8 +30,9 @@ def test_world_is_deterministic_with_exact_ground_truth():
       world.example(4, 10, (64, 48)).target, a.target)
   edit = next(world.example(0, i) for i in range(0, 20, 2))
   assert edit.task == "editing" and len(edit.references) == 1
-  kind, colour = edit.caption.removeprefix("make the ").split()
+  old, kind, colour = edit.caption.removeprefix("make the ").split()
   inside = edit.masks[0] > 0
+  np.testing.assert_array_equal(edit.references[0][inside], np.broadcast_to(COLOURS[old], (inside.sum(), 3)))
   np.testing.assert_array_equal(edit.target[inside], np.broadcast_to(COLOURS[colour], (inside.sum(), 3)))
   np.testing.assert_array_equal(edit.target[~inside], edit.references[0][~inside])   # only the shape changes
   assert psnr(edit.target, edit.references[0]) < 40 and psnr(edit.target, edit.target) == np.inf
@@ -50,6 +51,9 @@ def test_world_is_deterministic_with_exact_ground_truth():
       centre = (int(fy * 64), int(fx * 64))
       assert (comp.target[centre] == colour).all(), comp.caption   # the subject sits at the named place
   assert counts == {1, 2, 3, 4}
+  words = [len(world.example(0, i).caption.replace(",", " ").split()) for i in range(40)]
+  assert max(words) == world.caption_words(4) == 36   # the 4-reference captions reach the bound, none passes it
+  assert world.caption_words(2) == 18 and world.caption_words(4, ("editing",)) == 5
 
 
 def test_two_processes_read_their_rows_of_one_global_batch_sequence(world_2000):

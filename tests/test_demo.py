@@ -46,9 +46,10 @@ def _table(stdout: str) -> dict:
     m = re.search(ROW.format(re.escape(name)), stdout, re.M)
     assert m, (name, stdout)
     rows[name] = [float(g) for g in m.groups()]
-  m = re.search(r"^copy first reference\s+(\d+\.\d\d)\s+(\d+\.\d\d)\s+(\d+\.\d\d)$", stdout, re.M)
-  assert m, stdout
-  rows["copy"] = [float(g) for g in m.groups()]
+  for name, key in (("copy first reference", "copy"), ("mean training target", "mean")):
+    m = re.search(rf"^{name}\s+(\d+\.\d\d)\s+(\d+\.\d\d)\s+(\d+\.\d\d)$", stdout, re.M)
+    assert m, (name, stdout)
+    rows[key] = [float(g) for g in m.groups()]
   return rows
 
 
@@ -80,10 +81,10 @@ def test_demo_trains_once_then_loads_and_retrains_an_incomplete_cache(tmp_path):
     assert sorted(p.name for p in out.glob(f"{run}_*.png")) == [f"{run}_0.png", f"{run}_1.png"]
   # the dense PNG is the trained model's output: generated again by `generate --model RUN_DIR` from the same job
   args = _args(tmp_path)
-  world = demo.world_config(args).data.world
-  examples = heldout_examples(world, args.examples, seed=world.seed + 1)
+  config = demo.world_config(args)
+  examples = heldout_examples(config.data.world, args.examples, seed=config.data.world.seed + 1)
   jobs = world_jobs(opened.model, examples, demo._requests(args.keep)["dense"], args.sample_steps)
-  _same_as_generate(tmp_path, run_dir, examples[0], jobs[0], out / "dense_0.png")
+  _same_as_generate(tmp_path, run_dir, examples[0], jobs[0], out / "dense_0.png", config.data.txt_len)
 
   # second call: loaded from the cache, nothing trained, the same numbers
   metrics = (run_dir / "metrics.jsonl").read_bytes()
@@ -110,7 +111,7 @@ def _args(tmp_path) -> argparse.Namespace:
   return args
 
 
-def _same_as_generate(tmp_path, run_dir, example, job, png):
+def _same_as_generate(tmp_path, run_dir, example, job, png, txt_len: int):
   """`generate --model RUN_DIR` on the demo's dense job of `example` writes the PNG the demo wrote (to rounding:
   its batch-mates differ)."""
   from sparse_context_jax.images import encode_png
@@ -124,7 +125,7 @@ def _same_as_generate(tmp_path, run_dir, example, job, png):
           "steps": job.steps, "seed": job.seed, "output": "dense.png"}
   (folder / "jobs.jsonl").write_text(json.dumps(line) + "\n")
   r = subprocess.run([sys.executable, "-m", "sparse_context_jax", "generate", str(folder / "jobs.jsonl"),
-                      "--model", str(run_dir), "--max-sequence-length", "8", "--batch-size", "2"],
+                      "--model", str(run_dir), "--max-sequence-length", str(txt_len), "--batch-size", "2"],
                      capture_output=True, text=True, timeout=600, env=_env(tmp_path))
   assert r.returncode == 0, r.stderr
   ours, theirs = (np.asarray(Image.open(p), np.int16) for p in (png, folder / "dense.png"))

@@ -72,6 +72,16 @@ def test_batch_not_divisible_by_data_axes():
     C.validate(tiny("mesh=(-1, 3, 1)"), num_devices=8)
 
 
+def test_world_captions_must_fit_the_text_length():
+  """The stand-in text reads one word per position: a text length shorter than the world's longest caption would
+  silently cut what it says about the later references."""
+  C.validate(tiny(), num_devices=1)   # the tiny config reads its 2-reference captions whole (18 words)
+  with pytest.raises(C.ConfigError, match=r"data.txt_len=18 .* \(36 words with data.world.max_refs=4\): set "
+                                          r"data.txt_len >= 36"):
+    C.validate(tiny("data.world.max_refs=4", "data.max_refs=4"), num_devices=1)
+  C.validate(tiny("data.world.max_refs=4", "data.max_refs=4", "data.txt_len=36"), num_devices=1)
+
+
 def test_mesh_fill():
   assert mesh_shape((-1, 2, 1), 8) == (4, 2, 1)
   assert make_mesh((-1, 1, 1)).shape == {"data": 1, "fsdp": 1, "tensor": 1}

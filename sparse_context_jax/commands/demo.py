@@ -177,8 +177,8 @@ def _generation(args, config, run_dir: Path) -> None:
   from sparse_context_jax.convert.run import open_run
   from sparse_context_jax.encoders import records
   from sparse_context_jax.generate import Generator, Pipeline
-  from sparse_context_jax.generate.heldout import (at_tokens, copy_psnr, example_grid, heldout_examples, psnr_to,
-                                                   run_world, world_jobs)
+  from sparse_context_jax.generate.heldout import (at_tokens, copy_psnr, example_grid, heldout_examples,
+                                                   mean_target, psnr_to, run_world, world_jobs)
   from sparse_context_jax.images import encode_png
   from sparse_context_jax.model.positions import token_grid
 
@@ -202,7 +202,8 @@ def _generation(args, config, run_dir: Path) -> None:
   print(f"\n{header} {'kept ref tokens':>16} {'images/s':>9} {'speed-up':>9} {'sampling ms/img':>16}")
   scores = lambda made: {"all": float(np.mean(made)),
                          **{t: float(np.mean([p for p, ex in zip(made, examples) if ex.task == t])) for t in tasks}}
-  copy = scores(copy_psnr(image, examples, truth))
+  baselines = {"copy first reference": scores(copy_psnr(image, examples, truth)),
+               "mean training target": scores(psnr_to([mean_target(image, w)] * len(truth), truth))}
   total = sum(len(ex.references) * grid[0] * grid[1] for ex in examples)
   results, base = {}, None
   for name, request in _requests(args.keep).items():
@@ -216,7 +217,8 @@ def _generation(args, config, run_dir: Path) -> None:
           f"{1e3 * run.sampling_s:>16.2f}")
     for r in run.results:
       (out / f"{name.split(',')[0]}_{r.job.line}.png").write_bytes(encode_png(r.pixels))
-  print(f"{'copy first reference':<22} {copy['all']:>6.2f} " + "".join(f"{copy[t]:>12.2f}" for t in tasks))
+  for name, b in baselines.items():
+    print(f"{name:<22} {b['all']:>6.2f} " + "".join(f"{b[t]:>12.2f}" for t in tasks))
 
   if args.rows:
     names = list(results)

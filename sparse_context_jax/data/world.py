@@ -2,12 +2,14 @@
 
 Both tasks of the paper, with exact ground truth (so toy experiments can report PSNR to the true target):
 - `editing` (spatially aligned): one reference with 2-4 shapes of distinct kinds, each in its own quadrant, on a
-  flat ground. Caption "make the circle red": the target is the reference with that shape's pixels recoloured.
-  The mask is the edited shape.
+  flat ground. Caption "make the blue circle red": the target is the reference with that shape's pixels
+  recoloured. The caption names the shape's colour as well as its kind: at the stand-in pixel tokens' resolution
+  (8x8 for 64x64 images) a shape is 2-3 pixels wide and its kind barely shows. The mask is the edited shape.
 - `composition` (subject-driven): 1..max_refs references, reference i holding one subject shape (kinds distinct
   across references) and possibly a distractor of another kind. Caption "the star from image 1 at the top left,
   the square from image 2 at the bottom right": the target is a plain ground with each subject, in its colour
   and size, centred in the named quadrant. Mask i is reference i's subject.
+Captions have at most `caption_words(max_refs)` words (the text length a model needs to read them whole).
 Shapes are drawn without antialiasing and never overlap, so masks and targets are exact. Everything is a function
 of (seed, index): `example(seed, i)` is the same on every machine, and `WorldRecords` writes it through the same
 builder as a manifest.
@@ -31,6 +33,8 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), 
 PLACES = {"top left": (0.25, 0.25), "top right": (0.25, 0.75), "bottom left": (0.75, 0.25),
           "bottom right": (0.75, 0.75)}
 TARGET_GROUND = (235, 235, 235)
+EDIT_CAPTION = "make the {colour} {kind} {new}"
+PART_CAPTION = "the {kind} from image {index} at the {place}"   # one per reference, joined by ", "
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +94,7 @@ def _editing(rng: np.random.Generator, size: tuple[int, int]) -> SyntheticExampl
   kind = str(kinds[edited])
   new = str(rng.choice([c for c in COLOURS if c != colours[edited]]))
   return SyntheticExample(_paint(ref, masks[kind], COLOURS[new]), [ref], [masks[kind].astype(np.uint8) * 255],
-                          f"make the {kind} {new}", "editing")
+                          EDIT_CAPTION.format(colour=colours[edited], kind=kind, new=new), "editing")
 
 
 def _composition(rng: np.random.Generator, size: tuple[int, int], min_refs: int, max_refs: int) -> SyntheticExample:
@@ -114,8 +118,18 @@ def _composition(rng: np.random.Generator, size: tuple[int, int], min_refs: int,
     target = _paint(target, shape_mask(kind, (fy * H, fx * W), radius, size), colour)
     refs.append(ref)
     masks.append(subject.astype(np.uint8) * 255)
-    parts.append(f"the {kind} from image {i + 1} at the {place}")
+    parts.append(PART_CAPTION.format(kind=kind, index=i + 1, place=place))
   return SyntheticExample(target, refs, masks, ", ".join(parts), "composition")
+
+
+def caption_words(max_refs: int, tasks: tuple[str, ...] = TASKS) -> int:
+  """Words in the longest caption of a world with up to `max_refs` references and these tasks (the stand-in text
+  encoder reads one word per position)."""
+  assert all(" " not in w for w in (*SHAPES, *COLOURS)), "shape and colour names are single words"
+  edit = len(EDIT_CAPTION.format(colour="c", kind="k", new="n").split())
+  place = max(PLACES, key=lambda p: len(p.split()))
+  part = len(PART_CAPTION.format(kind="k", index=MAX_REFS, place=place).split())
+  return max(edit if "editing" in tasks else 0, part * max_refs if "composition" in tasks else 0)
 
 
 def example(seed: int, index: int, size: tuple[int, int] = (64, 64), max_refs: int = MAX_REFS,

@@ -67,6 +67,16 @@ def copy_psnr(image, examples: Sequence[SyntheticExample], truth: Sequence[np.nd
   return psnr_to([at_tokens(image, ex.references[0], tuple(ex.target.shape[:2])) for ex in examples], truth)
 
 
+def mean_target(image, world, count: int = 256) -> np.ndarray:
+  """The mean target of the first `count` examples of the training world (`world`: a config's `data.world`, its
+  seed, references and tasks) at the tokens' resolution, uint8: the best answer that ignores references and
+  caption, the other baseline beside copying."""
+  size = tuple(world.size)
+  targets = [at_tokens(image, ex.target, size).astype(np.float64)
+             for ex in heldout_examples(world, count, seed=world.seed)]
+  return np.round(np.mean(targets, axis=0)).astype(np.uint8)
+
+
 def world_jobs(cfg, examples: Sequence[SyntheticExample], request: Callable[[SyntheticExample, int], SparseRequest],
                steps: int) -> list[Job]:
   """One job per example (caption as the prompt, its references and masks), noise seed = its index."""

@@ -219,12 +219,25 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
   elif config.data.text != "hashed":
     raise ConfigError(f"data.text={config.data.text!r}: pixel runs caption with the 'hashed' stand-in (real text "
                       "embeddings come from precompute: data.encoder='latents')")
+  elif not config.data.path:
+    _check_world_text(config)
   if config.checkpoint.every <= 0 or config.checkpoint.keep <= 0 or config.log.every <= 0:
     raise ConfigError("checkpoint.every, checkpoint.keep and log.every must be > 0")
   rules = dict(config.sharding_rules)
   bad = {k: v for k, v in rules.items() if v not in (None, "data", "fsdp", "tensor")}
   if bad:
     raise ConfigError(f"sharding_rules {bad}: mesh axes are data, fsdp, tensor (or None)")
+
+
+def _check_world_text(config) -> None:
+  """The synthetic world's captions fit `data.txt_len` (the stand-in text reads one word per position; a shorter
+  length would silently drop what the captions say about every reference past the first few)."""
+  from sparse_context_jax.data.world import caption_words
+  w = config.data.world
+  words = caption_words(w.max_refs, tuple(w.tasks))
+  if config.data.txt_len < words:
+    raise ConfigError(f"data.txt_len={config.data.txt_len} is shorter than the synthetic world's longest caption "
+                      f"({words} words with data.world.max_refs={w.max_refs}): set data.txt_len >= {words}")
 
 
 def _check_latents(config) -> None:
