@@ -3,7 +3,7 @@ job (`demo`) and the paper's experiment in miniature (launch/paper_table.py) bot
 
     examples = heldout_examples(config.data.world, count=32, seed=1, refs=2, tasks=("composition",))
     jobs = world_jobs(cfg, examples, lambda ex, i: SparseRequest("edge", keep=0.25, seed=i), steps=16)
-    run = run_world(generator, text_encoder, jobs, txt_len=8, batch=4, repeats=2)
+    run = run_world(generator, text_encoder, jobs, txt_len=config.data.txt_len, batch=4, repeats=2)
     psnr_to(run.pixels, [at_tokens(image, ex.target, size) for ex in examples])
 
 Every job of one call gets the same noise seed as its example index, so two requests over the same examples differ
@@ -88,10 +88,10 @@ def world_jobs(cfg, examples: Sequence[SyntheticExample], request: Callable[[Syn
 
 def run_world(gen: Generator, text, jobs: list[Job], *, txt_len: int, batch: int, repeats: int = 1) -> WorldRun:
   """Encodes the jobs' prompts and generates them: one untimed pass (it compiles), then `repeats` timed passes.
-  A job of these examples failing is a bug: AssertionError with its error."""
-  jobs, bad, _ = encode_job_prompts(jobs, text, max_sequence_length=txt_len, batch_size=batch)
-  if bad:
-    raise AssertionError(f"invalid synthetic-world jobs: {bad}")
+  A job of these examples failing, or a caption longer than `txt_len`, is a bug: AssertionError with its error."""
+  jobs, bad, cut = encode_job_prompts(jobs, text, max_sequence_length=txt_len, batch_size=batch)
+  if bad or cut:
+    raise AssertionError(f"invalid synthetic-world jobs: {bad + cut}")
 
   def generate() -> list[Result]:
     results = list(gen.run(jobs))
