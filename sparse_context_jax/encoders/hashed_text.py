@@ -33,6 +33,18 @@ class HashedText:
     return (rng.standard_normal(self.dim).astype(np.float32),
             rng.standard_normal(self.pooled_dim).astype(np.float32))
 
+  @functools.lru_cache(maxsize=16384)
+  def _caption(self, caption: str, length: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(word vectors (n <= length, dim), pooled vector, truncated) of one caption, computed once per caption."""
+    every = caption.lower().replace(",", " ").split()
+    words = every[:length]
+    rows = [self._word(word) for word in words]
+    txt = np.stack([r[0] for r in rows]) if rows else np.zeros((0, self.dim), np.float32)
+    pooled = np.zeros(self.pooled_dim, np.float32)
+    for _, vector in rows:
+      pooled += vector / max(1, len(words))
+    return txt, pooled, len(every) > length
+
   def __call__(self, captions: Sequence[str], max_sequence_length: int | None = None) -> PromptEmbeddings:
     """`max_sequence_length`, as a prompt encoder takes it: at most that many of the `length` positions (default
     all); `truncated` tells which captions had more words than positions."""
@@ -41,10 +53,7 @@ class HashedText:
     y = np.zeros((len(captions), self.pooled_dim), np.float32)
     truncated = []
     for b, caption in enumerate(captions):
-      every = str(caption).lower().replace(",", " ").split()
-      words = every[:length]
-      truncated.append(len(every) > length)
-      for i, word in enumerate(words):
-        txt[b, i], pooled = self._word(word)
-        y[b] += pooled / max(1, len(words))
+      words, pooled, cut = self._caption(str(caption), length)
+      txt[b, :len(words)], y[b] = words, pooled
+      truncated.append(cut)
     return PromptEmbeddings(txt, y if self.pooled_dim else None, truncated=tuple(truncated))
