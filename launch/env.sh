@@ -1,7 +1,8 @@
 # Sourced by the launch scripts: `scj_venv NAME REQUIREMENTS_FILE` prints the path of a virtual environment built
 # from that pinned requirements file, creating it on first use (about a minute). Environments are cached per content
 # hash of the requirements under ${SCJ_VENV_CACHE:-~/.cache/sparse_context_jax}, so a changed pin builds a new one
-# and clones of the repository share them. A build interrupted half-way is discarded and redone.
+# and clones of the repository share them. A build interrupted half-way is discarded and redone. Packages are installed
+# without byte-compiling them all (--no-compile: 45 s instead of 85 s here); Python compiles what it imports, once.
 
 scj_root() { cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd; }
 
@@ -23,7 +24,7 @@ scj_venv() {
       echo "creating the $name environment from $req in $venv (about a minute, once)" >&2
       rm -rf "$venv"
       if ! { "$python" -m venv "$venv" &&
-             "$venv/bin/python" -m pip install --disable-pip-version-check -r "$root/$req"; } >"$venv.log" 2>&1; then
+             "$venv/bin/python" -m pip install --disable-pip-version-check --no-compile -r "$root/$req"; } >"$venv.log" 2>&1; then
         tail -n 20 "$venv.log" >&2
         exit 1
       fi
