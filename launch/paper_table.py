@@ -1,6 +1,6 @@
 """The paper's experiments in miniature, on the synthetic world (exact ground truth), from real runs on this machine.
 
-  python launch/paper_table.py --out paper_out            # the full experiment (about 15 minutes on 2 CPU cores)
+  python launch/paper_table.py --out paper_out            # the full experiment (about 24 minutes on 2 CPU cores)
   python launch/paper_table.py --out /tmp/quick --quick   # a smoke run of every stage (about 2 minutes)
 
 Stages (the train program, configs/world.py with 1..4 references):

@@ -1,7 +1,7 @@
 """The main job: the released presets abstractly, then a small FLUX.2-shaped model that learned the synthetic world
 generating held-out examples dense and with sparse references, scored against their exact ground truth.
 
-The model is configs/world.py trained by the train program (train/loop.py) on its first run, about a minute on 2
+The model is configs/world.py trained by the train program (train/loop.py) on its first run, about two minutes on 2
 CPU cores, and cached under the user cache folder by a hash of what determines it (the config with its seeds and
 overrides, and the world generator's code); later runs load it. Training goes to a scratch folder renamed into
 place with a `.complete` marker once it finished: an interrupted training is never taken for a model.
