@@ -3,7 +3,7 @@
   python launch/paper_table.py --out paper_out            # the full experiment (about 24 minutes on 2 CPU cores)
   python launch/paper_table.py --out /tmp/quick --quick   # a smoke run of every stage (about 2 minutes)
 
-Stages (the train program, configs/world.py with 1..4 references):
+Stages (the train program, configs/world.py with 1..4 references: the most the settings evaluate):
   1   a base model trained with dense references (the "pretrained reference-conditioned model");
   2a  from the stage-1 weights, the same number of steps with dense references (the control);
   2b  from the stage-1 weights, the same number of steps with random-ratio dropping (the paper's recipe).
@@ -82,8 +82,9 @@ def parse_args(argv=None):
 
 def stage_config(args, stage: str, seed: int, init: str | None = None):
   plan = args.plan
-  overrides = ["data.world.max_refs=4", "data.max_refs=4", f"data.txt_len={caption_words(4)}", f"seed={seed}",
-               "log.progress=False",
+  refs = max(n for _, n in plan["settings"])   # the world holds as many references as the settings evaluate
+  overrides = [f"data.world.max_refs={refs}", f"data.max_refs={refs}", f"data.txt_len={caption_words(refs)}",
+               f"seed={seed}", "log.progress=False",
                f"train.steps={plan['stage1' if stage == '1' else 'stage2']}",
                *(dropping(plan["ladder"]) if stage == "2b" else DENSE), *([f"model.init={init}"] if init else []),
                *args.overrides]

@@ -28,7 +28,7 @@ def _max_rel(a: dict, b: dict) -> float:
   return max(float(np.max(np.abs(a[k] - b[k])) / (np.max(np.abs(b[k])) + 1e-30)) for k in a)
 
 
-@pytest.mark.parametrize("name", ["flux1-kontext", "flux2-dev-3ref"])
+@pytest.mark.parametrize("name", [pytest.param("flux1-kontext", marks=pytest.mark.slow), "flux2-dev-3ref"])
 def test_scan_equals_unrolled_and_remat_changes_nothing(name):
   out, grads = _forward_and_grads(name)
   assert all(np.any(g != 0) for g in grads.values())   # every parameter receives a gradient

@@ -159,6 +159,7 @@ def _mu(state) -> dict:
   return {k: v for k, v in leaves(state["opt"]).items() if ".mu[" in k}
 
 
+@pytest.mark.slow   # minutes here; test_dropout_inside_the_block_scan_... runs by default
 def test_dropout_changes_only_the_lora_gradients_and_is_deterministic():
   batch = make_batch(C.model_config(tiny()))
   plain = Run(tiny(*LORA), batch)
@@ -181,6 +182,7 @@ def test_dropout_changes_only_the_lora_gradients_and_is_deterministic():
   assert jax.tree.structure(drop.state) == jax.tree.structure(plain.state)
 
 
+@pytest.mark.slow   # minutes here; test_dropout_inside_the_block_scan_... runs by default
 def test_dropout_with_grad_accum_and_ema():
   """LoRA + dropout + EMA over the adapters + micro-batches, on a rung that drops random reference tokens: each
   example draws the same masks in any micro-batch, so grad_accum 1 and 2 give the same loss and gradients up to

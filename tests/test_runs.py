@@ -118,7 +118,7 @@ def test_generate_from_a_run_writes_pngs_through_its_recorded_encoders(run, tmp_
   workdir, config, _ = run
   record = json.loads(open(os.path.join(workdir, "encoders.json")).read())
   assert record == {"image": {"kind": "pixel-tokens", "channels": 12},
-                    "text": {"kind": "hashed-text", "length": 8, "dim": 16, "pooled_dim": 0}}
+                    "text": {"kind": "hashed-text", "length": 18, "dim": 16, "pooled_dim": 0}}
   rng = np.random.default_rng(0)
   Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "ref.png")
   jobs = tmp_path / "jobs.jsonl"
@@ -217,7 +217,7 @@ def test_a_run_without_its_encoders_record_gets_them_from_its_config(run, tmp_pa
   generate._resolve_folders(args)
   assert args.run.step == 2 and args.run.encoders is None
   assert args.image_record == {"kind": "pixel-tokens", "channels": 12}
-  assert args.text_record == {"kind": "hashed-text", "length": 8, "dim": 16, "pooled_dim": 0}
+  assert args.text_record == {"kind": "hashed-text", "length": 18, "dim": 16, "pooled_dim": 0}
   args = parser.parse_args(["jobs.jsonl", "--model", str(old), "--vae", "some/vae", "--random-text-encoder"])
   generate._resolve_folders(args)
   assert args.image_record is None and args.text_record is None and args.vae == "some/vae"

@@ -93,6 +93,7 @@ print("ok", loss_x, loss_s, norm_x, norm_s)
 """
 
 
+@pytest.mark.slow   # minutes here; the unsharded splash parity tests run by default
 def test_sharded_train_step_equals_xla():
   """Heads over `tensor`, batch over `data` (4 fake CPU devices): one step of the tiny config, splash vs XLA."""
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
