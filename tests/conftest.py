@@ -8,8 +8,10 @@ import os
 # The test environment has the TPU runtime (for `plan`): without this jax would probe for a TPU in every process
 # and print libtpu's warnings on stderr, which the one-line error checks read. Subprocesses inherit it.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Commands keep compiled programs in a persistent cache (compile_cache.py); tests stay hermetic without it, and
-# tests/test_compile_cache.py turns it on in a folder of its own.
+# Commands keep compiled programs in a persistent cache (compile_cache.py). launch/test.sh gives each run a fresh
+# folder, shared by its workers and their subprocesses, so a program one test compiled (the tiny train step, say)
+# is read back by the next and nothing outlives the run; a bare `pytest` compiles everything.
+# tests/test_compile_cache.py uses folders of its own.
 os.environ.setdefault("SCJ_COMPILE_CACHE", "off")
 
 import jax  # noqa: E402
@@ -19,8 +21,10 @@ import pytest
 from flax import nnx
 
 import reference as ref
-from sparse_context_jax import MMDiT
+from sparse_context_jax import MMDiT, compile_cache
 from sparse_context_jax.convert import load_state_dict
+
+compile_cache.enable()   # before anything compiles; None when off
 
 # name -> (builder kwargs, input kwargs). Different head dims, block counts, guidance on/off, references of another
 # size than the target, 1-3 references for FLUX.2; timesteps always differ per example.
