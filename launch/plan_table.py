@@ -2,7 +2,7 @@
 
   python launch/plan_table.py plans/*.json          # the table of these files
   python launch/plan_table.py --cells DIR           # the README's cells, from DIR/CELL.json
-  python launch/plan_table.py --cells DIR --compile # first compiles (launch/plan.sh, one at a time) the missing ones
+  python launch/plan_table.py --cells DIR --compile [--jobs 2]  # first compiles the missing ones (launch/plan.sh)
 
 A cell is (preset, references, slice, remat, attention, LoRA rank): a fine-tune from configs/base.py (full at rank 0,
 else LoRA adapters of that rank over the frozen base) at 1024x1024, 512 text tokens, one example per chip, pure FSDP,
@@ -12,6 +12,7 @@ the dense rung (`--rung 1`: the most tokens of every rung).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -22,25 +23,48 @@ CHIPS = {"v5e-16": 16, "v5e-64": 64, "v5e-256": 256, "v5p-32": 16, "v5p-128": 64
 
 # (preset, refs, slice, remat, attention, LoRA rank)
 CELLS = [
-    ("flux2-klein-4b", 1, "v5p-32", "dots_no_batch", "auto", 0),
     ("flux2-klein-4b", 1, "v5e-16", "full", "auto", 0),
+    ("flux2-klein-4b", 1, "v5e-64", "full", "auto", 0),
+    ("flux2-klein-4b", 1, "v5e-256", "full", "auto", 0),
+    ("flux2-klein-4b", 1, "v5p-32", "dots_no_batch", "auto", 0),
+    ("flux2-klein-4b", 1, "v5p-128", "dots_no_batch", "auto", 0),
     ("flux2-klein-4b", 1, "v6e-16", "dots_no_batch", "auto", 0),
+    ("flux2-klein-4b", 1, "v6e-64", "dots_no_batch", "auto", 0),
+    ("flux2-klein-4b", 1, "v5e-16", "full", "auto", 16),
     ("flux2-klein-4b", 4, "v5e-16", "full", "auto", 0),
+    ("flux2-klein-4b", 4, "v5e-64", "full", "auto", 0),
+    ("flux2-klein-4b", 4, "v5e-256", "full", "auto", 0),
+    ("flux2-klein-4b", 4, "v5p-32", "dots_no_batch", "auto", 0),
     ("flux2-klein-4b", 4, "v5p-128", "dots_no_batch", "auto", 0),
     ("flux2-klein-4b", 4, "v6e-16", "full", "auto", 0),
+    ("flux2-klein-4b", 4, "v6e-64", "full", "auto", 0),
+    ("flux2-klein-4b", 4, "v5e-16", "full", "auto", 16),
     ("flux2-klein-9b", 1, "v5e-16", "full", "auto", 0),
+    ("flux2-klein-9b", 1, "v5e-64", "full", "auto", 0),
+    ("flux2-klein-9b", 1, "v5e-256", "full", "auto", 0),
+    ("flux2-klein-9b", 1, "v5p-32", "dots_no_batch", "auto", 0),
     ("flux2-klein-9b", 1, "v5p-128", "dots_no_batch", "auto", 0),
     ("flux2-klein-9b", 1, "v6e-16", "full", "auto", 0),
+    ("flux2-klein-9b", 1, "v6e-64", "full", "auto", 0),
+    ("flux2-klein-9b", 1, "v5e-16", "full", "auto", 16),
+    ("flux2-klein-9b", 4, "v5e-16", "full", "auto", 0),
     ("flux2-klein-9b", 4, "v5e-64", "full", "auto", 0),
     ("flux2-klein-9b", 4, "v5e-256", "full", "auto", 0),
     ("flux2-klein-9b", 4, "v5p-32", "dots_no_batch", "auto", 0),
     ("flux2-klein-9b", 4, "v5p-32", "full", "auto", 0),
     ("flux2-klein-9b", 4, "v5p-32", "dots_no_batch", "xla", 0),
+    ("flux2-klein-9b", 4, "v5p-128", "dots_no_batch", "auto", 0),
     ("flux2-klein-9b", 4, "v6e-16", "full", "auto", 0),
     ("flux2-klein-9b", 4, "v6e-64", "full", "auto", 0),
+    ("flux2-klein-9b", 4, "v5e-16", "full", "auto", 16),
     ("flux2-klein-9b", 4, "v5e-64", "full", "auto", 16),
     ("flux2-klein-9b", 4, "v5p-32", "dots_no_batch", "auto", 16),
+    ("flux2-klein-9b", 4, "v5p-32", "full", "auto", 16),
+    ("flux2-klein-9b", 4, "v6e-16", "full", "auto", 16),
+    ("flux2-dev", 1, "v5p-32", "full", "auto", 0),
     ("flux2-dev", 1, "v5p-128", "full", "auto", 0),
+    ("flux2-dev", 4, "v5p-128", "full", "auto", 0),
+    ("flux2-dev", 1, "v5p-32", "full", "auto", 16),
 ]
 
 
@@ -87,14 +111,17 @@ def main(argv: list[str]) -> int:
   p.add_argument("paths", nargs="*", help="plan --json files")
   p.add_argument("--cells", metavar="DIR", help="the README's cells, DIR/CELL.json each")
   p.add_argument("--compile", action="store_true", help="compile the cells missing from --cells DIR first")
+  p.add_argument("--jobs", type=int, default=1, help="cells compiled at once (about one core and 1-4 GB each)")
   args = p.parse_args(argv)
   paths = list(args.paths)
   if args.cells:
     os.makedirs(args.cells, exist_ok=True)
-    for cell in CELLS:
-      path = os.path.join(args.cells, cell_name(cell) + ".json")
-      if args.compile and not os.path.exists(path):
-        compile_cell(cell, path)
+    cells = {cell: os.path.join(args.cells, cell_name(cell) + ".json") for cell in CELLS}
+    if args.compile:   # XLA compiles a program mostly on one thread: --jobs compiles at once use that many cores
+      missing = [(c, p) for c, p in cells.items() if not os.path.exists(p)]
+      with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(lambda cp: compile_cell(*cp), missing))
+    for cell, path in cells.items():
       if os.path.exists(path):
         paths.append(path)
       else:
