@@ -71,6 +71,10 @@ def test_reads_with_and_without_o_direct_equal_the_file(tmp_path, monkeypatch, d
   groups = [["t1", "t3"], ["t0"], ["t2", "t4"], ["t3"]]   # read ahead, alternating between two buffers
   for names, got in zip(groups, source.read_groups(groups), strict=True):
     assert list(got) == names and all(np.array_equal(got[k], tensors[k]) for k in names)
+  kept = [got for got in source.read_groups(groups, once={0, 2})]   # groups read once keep buffers of their own
+  for i in (0, 2):
+    assert all(np.array_equal(kept[i][k], tensors[k]) for k in groups[i])
+  assert not np.shares_memory(kept[0]["t1"], kept[1]["t0"]) and not np.shares_memory(kept[2]["t2"], kept[3]["t3"])
   source.close()
 
 
@@ -97,6 +101,23 @@ def test_a_failing_background_write_leaves_nothing(tmp_path, monkeypatch):
     return original(path, tree)
 
   monkeypatch.setattr(checkpoint_lib.ocp_partial, "save", failing_save)
+  monkeypatch.setattr(checkpoint_lib, "SAVE_BYTES", 1)   # a save per group: the third one fails midway
   with pytest.raises(OSError, match="disk full"):
     convert_checkpoint(tmp_path / "m.safetensors", tmp_path / "out", config=str(tmp_path / "config.json"))
   assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+@pytest.mark.parametrize("save_bytes", [1, None])   # a save per group; the default batches (here: one save)
+def test_groups_saved_in_batches_convert_alike(tmp_path, monkeypatch, save_bytes):
+  tm = torch_model(NAME)
+  save_file(ref.state_dict(tm), tmp_path / "m.safetensors")
+  (tmp_path / "config.json").write_text(json.dumps(dict(tm.config)))
+  saves, original = [], checkpoint_lib.ocp_partial.save
+  monkeypatch.setattr(checkpoint_lib.ocp_partial, "save", lambda path, tree: (saves.append(tree), original(path, tree)))
+  if save_bytes:
+    monkeypatch.setattr(checkpoint_lib, "SAVE_BYTES", save_bytes)
+  cfg = convert_checkpoint(tmp_path / "m.safetensors", tmp_path / "out", config=str(tmp_path / "config.json"))
+  got, want = model_params(load_model(tmp_path / "out")), params_from_state_dict(ref.config_of(tm), ref.state_dict(tm))
+  assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+  groups = 1 + cfg.depth_double + cfg.depth_single   # the unstacked group, then one per layer
+  assert len(saves) == (groups if save_bytes else 1)

@@ -8,8 +8,8 @@ written and read layer by layer.
                       stored unstacked, one subtree per layer:
                       {"img_in": {"kernel": a}, "double_blocks": {"0": {"img_attn": {"qkv": {"kernel": a}}}}, ...}
 
-Stacked parameters are written one layer at a time (orbax partial saves: each adds a few leaves to the same
-checkpoint, uncompressed, in a background thread), so the writer holds a bounded number of layers (512 MiB of
+Stacked parameters are written a few layers at a time (orbax partial saves: each adds some leaves to the same
+checkpoint, uncompressed, in a background thread), so the writer holds a bounded number of layers (1 GiB of
 parameters in flight by default); a converted pipeline folder (`pipeline_index`) holds one such folder per
 component, and the loaders below pick theirs. `load` restores one layer at a time straight
 into its sharding and copies it into a preallocated stacked buffer in place, so neither a host nor a device ever
@@ -104,9 +104,16 @@ def _drop_cached(folder: Path) -> None:
         os.close(fd)
 
 
+SAVE_BYTES = 1 << 28   # a writer's batches: 256 MiB (two Qwen3-4B layers, one FLUX.2 double block)
+
+
 class CheckpointWriter:
-  """Adds groups of host arrays to `directory/params`, each an orbax partial save that runs in a background thread
-  while the caller prepares the next group; `finish` waits for them and commits.
+  """Adds groups of host arrays to `directory/params`: groups are gathered into batches of about `save_bytes`, each
+  batch an orbax partial save that runs in a background thread while the caller prepares the next groups; `finish`
+  saves the last batch, waits for them all and commits.
+
+  Batches, not single groups, because every partial save re-reads the metadata of all the leaves saved before it:
+  the cost of a conversion grows with the square of the number of saves.
 
   `empty(shape, dtype)` hands out arrays for the next group, recycling those of groups already written (layers of a
   stack have the same shapes): a conversion then works in the same memory layer after layer, instead of the
@@ -115,15 +122,20 @@ class CheckpointWriter:
   Args:
     directory: the converted folder (its `config.json` is written at once).
     cfg: the model's config.
-    in_flight_bytes: how many bytes of arrays may wait to be written; `room` blocks beyond it.
+    in_flight_bytes: how many bytes of arrays the writer may hold (batches being saved or gathered); `room`
+      blocks beyond it.
+    save_bytes: a batch is saved once it holds this many bytes (default `SAVE_BYTES`).
   """
 
-  def __init__(self, directory: Path, cfg, *, in_flight_bytes: int = 1 << 29):
+  def __init__(self, directory: Path, cfg, *, in_flight_bytes: int = 1 << 30, save_bytes: int | None = None):
     self._params = Path(directory) / PARAMS
     self._budget = in_flight_bytes
+    self._save_bytes = SAVE_BYTES if save_bytes is None else save_bytes
     self._pending: list[tuple[concurrent.futures.Future, list[np.ndarray]]] = []   # oldest first
+    self._batch: dict[TreePath, np.ndarray] = {}     # groups added but not yet given to a save
     self._free: dict[tuple, list[np.ndarray]] = {}   # (shape, dtype) -> arrays already written, for reuse
     self._asked: set[tuple] = set()                  # the (shape, dtype)s the group being prepared asked for
+    self._last: set[tuple] = set()                   # ... and those the group added last asked for
     # One writer thread: orbax partial saves must run one after another (overlapping ones corrupt the database).
     self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
     self._context = _write_context()
@@ -132,15 +144,33 @@ class CheckpointWriter:
   def _retire(self) -> None:
     future, arrays = self._pending.pop(0)
     future.result()   # raises the save's error, if any
+    wanted = self._asked | self._last   # the shapes of the groups at hand: other arrays' memory is given back now
     for a in arrays:
-      if a.base is None:   # owns its memory (not a view of another array)
+      if a.base is None and (a.shape, a.dtype) in wanted:   # owns its memory (not a view of another array)
         self._free.setdefault((a.shape, a.dtype), []).append(a)
+
+  def _held(self) -> int:
+    return sum(a.nbytes for _, arrays in self._pending for a in arrays) + sum(a.nbytes for a in self._batch.values())
+
+  def _flush(self) -> None:
+    """Starts the partial save of the gathered batch."""
+    if self._batch:
+      self._pending.append((self._thread.submit(self._save, _nest(self._batch)), list(self._batch.values())))
+      self._batch = {}
 
   def room(self, nbytes: int) -> None:
     """Waits until `nbytes` more fit in the in-flight budget (at least one group always does)."""
-    while self._pending and (self._pending[0][0].done() or
-                             sum(a.nbytes for _, arrays in self._pending for a in arrays) + nbytes > self._budget):
-      self._retire()
+    while True:
+      if self._pending and self._pending[0][0].done():
+        self._retire()
+      elif self._held() + nbytes <= self._budget:
+        return
+      elif self._pending:
+        self._retire()   # waits for the oldest save
+      elif self._batch:
+        self._flush()
+      else:
+        return
 
   def empty(self, shape, dtype) -> np.ndarray:
     """An uninitialised C-contiguous array for the next group: a recycled one where one fits."""
@@ -150,12 +180,15 @@ class CheckpointWriter:
     return free.pop() if free else np.empty(*key)
 
   def add(self, arrays: Mapping[TreePath, np.ndarray]) -> None:
-    """Schedules one group; the arrays must not change until `finish` (they are written as they are)."""
+    """Adds one group to the batch (saved once the batch is big enough); the arrays must not change until `finish`
+    (they are written as they are)."""
     self.room(sum(a.nbytes for a in arrays.values()))
     for key in set(self._free) - self._asked:   # shapes the model has moved past: give their memory back
       del self._free[key]
-    self._asked = set()
-    self._pending.append((self._thread.submit(self._save, _nest(arrays)), list(arrays.values())))
+    self._last, self._asked = self._asked, set()
+    self._batch.update(arrays)
+    if sum(a.nbytes for a in self._batch.values()) >= self._save_bytes:
+      self._flush()
 
   def _save(self, tree: dict) -> None:
     with self._context:
@@ -163,6 +196,7 @@ class CheckpointWriter:
     _drop_cached(self._params.parent)
 
   def finish(self) -> None:
+    self._flush()
     while self._pending:
       self._retire()
     self._free.clear()
@@ -180,6 +214,7 @@ class CheckpointWriter:
       except Exception:  # noqa: BLE001 -- the error being raised already tells what went wrong
         pass
     self._pending.clear()
+    self._batch.clear()
     self._free.clear()
     self._thread.shutdown()
 

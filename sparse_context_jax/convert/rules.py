@@ -134,13 +134,17 @@ def _kernel_2d(layouts: Layouts, t: str) -> tuple[int, int]:
 
 
 def to_params(rule: Rule, tensors: Mapping[str, np.ndarray], fmt: dict, layouts: Layouts,
-              has_bias: Mapping[str, bool], dtype=None, empty=np.empty) -> dict[str, np.ndarray]:
+              has_bias: Mapping[str, bool], dtype=None, empty=np.empty, copy: bool = True) -> dict[str, np.ndarray]:
   """One layer of a rule: torch tensors (already shape-checked) -> {parameter path: array} (unstacked), new
   C-contiguous arrays in `dtype` (None: the tensors' own) from `empty(shape, dtype)`. Each weight is copied once,
-  transposed and cast in the same pass, straight into its parameter: no concatenated or float32 intermediate."""
+  transposed and cast in the same pass, straight into its parameter: no concatenated or float32 intermediate.
+  `copy=False`: a tensor that needs no change (already C-contiguous in `dtype`: an embedding, a norm) is returned
+  as it is, a view of `tensors`' memory."""
   if isinstance(rule, TensorRule):
-    src = np.asarray(tensors[rule.source.format(**fmt)])
-    return {rule.target: converted(TRANSFORMS[rule.transform][0](src), dtype, empty)}
+    src = TRANSFORMS[rule.transform][0](np.asarray(tensors[rule.source.format(**fmt)]))
+    if not copy and src.flags.c_contiguous and src.dtype == np.dtype(dtype or src.dtype):
+      return {rule.target: src}
+    return {rule.target: converted(src, dtype, empty)}
   weights = [tensors[f"{s}.weight".format(**fmt)] for s in rule.sources]
   dtype = np.dtype(dtype or np.result_type(*weights))
   out = {f"{t}.kernel": empty(layouts[t][0] + layouts[t][1], dtype) for t in rule.targets}

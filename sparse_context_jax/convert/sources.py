@@ -7,7 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -55,30 +55,41 @@ class TensorSource:
     f, key = self._entry(name)
     return f.read(key)
 
-  def read_group(self, names: list[str], arena: int = 0) -> dict[str, np.ndarray]:
+  def read_group(self, names: list[str], arena: int | None = 0) -> dict[str, np.ndarray]:
     """Several tensors, read into buffer number `arena` (0 or 1), which the next `read_group` into the same arena
     overwrites: use (copy) them before then. Reusing the buffer keeps a streaming conversion from touching new
-    memory for every layer."""
+    memory for every layer. `arena=None`: into a new buffer of their own, which lives as long as they do."""
     spans = [f.span(key) for f, key in map(self._entry, names)]
-    if self._arenas[arena] is None or self._arenas[arena].size < sum(spans):
-      self._arenas[arena] = None
-      self._arenas[arena] = np.empty(sum(spans), np.uint8)
+    if arena is None:
+      buffer = np.empty(sum(spans), np.uint8)
+    else:
+      # A new buffer when this one is too small, or over twice the size needed (sized for an earlier, larger group):
+      # its memory then serves the arrays converted next, instead of fresh pages.
+      if self._arenas[arena] is None or not sum(spans) <= self._arenas[arena].size <= 2 * sum(spans):
+        self._arenas[arena] = None
+        self._arenas[arena] = np.empty(sum(spans), np.uint8)
+      buffer = self._arenas[arena]
     out, at = {}, 0
     for name, span in zip(names, spans):
       f, key = self._entry(name)
-      out[name] = f.read(key, self._arenas[arena][at:at + span])
+      out[name] = f.read(key, buffer[at:at + span])
       at += span
     return out
 
-  def read_groups(self, groups: list[list[str]]) -> Iterator[dict[str, np.ndarray]]:
+  def read_groups(self, groups: list[list[str]], once: Collection[int] = ()) -> Iterator[dict[str, np.ndarray]]:
     """`read_group` of each list of names in turn, the next one read in a background thread (the disk works while
-    the caller converts): each dict is valid until the one after next is asked for."""
+    the caller converts): each dict is valid until the one after next is asked for, except those of the groups
+    numbered in `once` (read into buffers of their own: a group read once has no buffer to share), valid for good."""
+    arenas, n = [], 0
+    for i in range(len(groups)):   # the other groups alternate between the two arenas
+      arenas.append(None if i in once else n % 2)
+      n += i not in once
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-reader") as reader:
-      ahead = reader.submit(self.read_group, groups[0], 0) if groups else None
+      ahead = reader.submit(self.read_group, groups[0], arenas[0]) if groups else None
       for i in range(len(groups)):
         tensors = ahead.result()
         if i + 1 < len(groups):
-          ahead = reader.submit(self.read_group, groups[i + 1], (i + 1) % 2)
+          ahead = reader.submit(self.read_group, groups[i + 1], arenas[i + 1])
         yield tensors
 
   def close(self) -> None:

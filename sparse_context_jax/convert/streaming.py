@@ -3,7 +3,7 @@ read and written as they go.
 
 A group is every rule of the unstacked variables (embedders, shared modulations, final layer; a whole VAE), or
 every rule of one layer of one block stack. Converting a group reads only its torch tensors, so host memory holds
-a few layers (two read buffers, the group being converted, those being written: 512 MiB by default; the largest
+a few layers (two read buffers, the groups being converted and written: 1 GiB by default; the largest
 group, a FLUX.2-dev single block, is ~1 GB in bfloat16) whatever the checkpoint size. Three stages overlap: a group is
 converted while the next one is read (into a second read buffer) and the previous ones are written.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import gc
 import os
 import sys
 from collections.abc import Callable
@@ -114,12 +115,15 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, dtype:
 
     groups = rule_groups(spec, layout)
     total = sum(source.nbytes(k) for k in keys)
-    # Three stages at once: the next group is read while this one is converted and earlier ones are written.
-    with atomic_output(out, force=force, directory=True) as tmp, CheckpointWriter(tmp, cfg) as writer, \
+    # Three stages at once: the next group is read while this one is converted and earlier ones are written. The
+    # unstacked group is read into a buffer of its own, so its tensors that need no change (an embedding) are
+    # written from where they were read, uncopied.
+    unstacked = [i for i, g in enumerate(groups) if g.layer is None]
+    with _frozen_gc(), atomic_output(out, force=force, directory=True) as tmp, CheckpointWriter(tmp, cfg) as writer, \
         _bar(total, f"convert {Path(source.description).name}", progress) as bar, \
-        contextlib.closing(source.read_groups([g.torch_keys for g in groups])) as reads, \
+        contextlib.closing(source.read_groups([g.torch_keys for g in groups], once=unstacked)) as reads, \
         concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenizer-check") as checker:
-      checked = None   # the tokenizer's check (importing transformers takes seconds) runs beside the weights
+      checked = None   # the tokenizer's check (a child process importing transformers) runs beside the weights
       if tokenizer is not None:
         copy_tokenizer(tokenizer, tmp / TOKENIZER_DIR)
         checked = checker.submit(check_tokenizer, tmp / TOKENIZER_DIR, cfg.vocab_size,
@@ -132,7 +136,8 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, dtype:
         writer.room(sum(source.nbytes(k) // source.dtype(k).itemsize for k in g.torch_keys) * out_dtype.itemsize)
         params = {}
         for rule, fmt in g.rules:
-          params.update(to_params(rule, tensors, fmt, spec.layouts, spec.has_bias, out_dtype, writer.empty))
+          params.update(to_params(rule, tensors, fmt, spec.layouts, spec.has_bias, out_dtype, writer.empty,
+                                  copy=g.layer is not None))
         done += len(tensors)
         bar.update(sum(t.nbytes for t in tensors.values()))
         bar.set_postfix(tensors=f"{done}/{len(keys)}")
@@ -148,6 +153,18 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, dtype:
     names = [k for k, w in unread.items() if w == why]
     note(f"skipped {len(names)} tensor(s) never read ({why}): {format_keys(names, limit=3)}")
   return cfg
+
+
+@contextlib.contextmanager
+def _frozen_gc():
+  """The cyclic garbage collector leaves the objects that exist now (the imported libraries: most of the heap)
+  alone until the block ends: its full collections otherwise walk them again and again while orbax's saves make
+  their short-lived objects, holding the interpreter that the conversion's threads share."""
+  gc.freeze()
+  try:
+    yield
+  finally:
+    gc.unfreeze()
 
 
 REFERENCE_ATTENTION_KEY = "reference_attention"   # safetensors metadata of an exported KV transformer

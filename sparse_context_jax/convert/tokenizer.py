@@ -5,7 +5,11 @@ checked against the embedding, copied to `OUT/tokenizer`.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from sparse_context_jax.errors import CheckpointError
@@ -37,15 +41,32 @@ def find_tokenizer(model_folder: str | Path) -> Path:
                         f"{' or '.join(str(p) for p in looked)}")
 
 
+# What the child process of `check_tokenizer` runs: prints {"size": n} or {"error": "Type: message"} on stdout.
+_TOKENIZER_SIZE = """
+import json, sys
+try:
+  from transformers import AutoTokenizer
+  print(json.dumps({"size": len(AutoTokenizer.from_pretrained(sys.argv[1]))}))
+except Exception as e:
+  print(json.dumps({"error": f"{type(e).__name__}: {e}"}))
+"""
+
+
 def check_tokenizer(folder: Path, vocab_size: int, what: str) -> int:
   """Loads the tokenizer (transformers' AutoTokenizer) and checks that every id it produces has an embedding row;
-  returns its size."""
-  from transformers import AutoTokenizer  # tokenizers only; imported on use (slow to import)
+  returns its size.
+
+  The tokenizer is loaded in a child Python process: importing transformers takes seconds of CPU, which there run
+  on another core instead of holding this process's interpreter while a conversion streams its weights."""
+  r = subprocess.run([sys.executable, "-c", _TOKENIZER_SIZE, str(folder)], capture_output=True, text=True,
+                     env={**os.environ, "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"})
   try:
-    tok = AutoTokenizer.from_pretrained(str(folder))
-  except Exception as e:  # a tokenizer folder can fail in many library-specific ways; each is a bad input here
-    raise CheckpointError(f"cannot load the tokenizer in {folder}: {type(e).__name__}: {e}") from None
-  n = len(tok)
+    answer = json.loads(r.stdout.strip().splitlines()[-1])
+  except (IndexError, ValueError):
+    answer = {"error": f"the loading process ended with status {r.returncode}: {r.stderr.strip()[-2000:]}"}
+  if "error" in answer:   # a tokenizer folder can fail in many library-specific ways; each is a bad input here
+    raise CheckpointError(f"cannot load the tokenizer in {folder}: {answer['error']}")
+  n = answer["size"]
   if n > vocab_size:
     raise CheckpointError(f"the tokenizer in {folder} has {n} tokens but {what} embeds only {vocab_size} "
                           "(vocab_size): it is not this model's tokenizer")
