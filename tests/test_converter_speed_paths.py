@@ -78,10 +78,16 @@ def test_reads_with_and_without_o_direct_equal_the_file(tmp_path, monkeypatch, d
   source.close()
 
 
-def test_conversion_without_o_direct_is_identical(tmp_path, monkeypatch):
+def _saved_model(tmp_path):
+  """A tiny torch model, written as `tmp_path/m.safetensors` with its `config.json`."""
   tm = torch_model(NAME)
   save_file(ref.state_dict(tm), tmp_path / "m.safetensors")
   (tmp_path / "config.json").write_text(json.dumps(dict(tm.config)))
+  return tm
+
+
+def test_conversion_without_o_direct_is_identical(tmp_path, monkeypatch):
+  tm = _saved_model(tmp_path)
   monkeypatch.delattr(os, "O_DIRECT", raising=False)
   convert_checkpoint(tmp_path / "m.safetensors", tmp_path / "out", config=str(tmp_path / "config.json"))
   got, want = model_params(load_model(tmp_path / "out")), params_from_state_dict(ref.config_of(tm), ref.state_dict(tm))
@@ -89,9 +95,7 @@ def test_conversion_without_o_direct_is_identical(tmp_path, monkeypatch):
 
 
 def test_a_failing_background_write_leaves_nothing(tmp_path, monkeypatch):
-  tm = torch_model(NAME)
-  save_file(ref.state_dict(tm), tmp_path / "m.safetensors")
-  (tmp_path / "config.json").write_text(json.dumps(dict(tm.config)))
+  _saved_model(tmp_path)
   saves, original = [], checkpoint_lib.ocp_partial.save
 
   def failing_save(path, tree):
@@ -109,9 +113,7 @@ def test_a_failing_background_write_leaves_nothing(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("save_bytes", [1, None])   # a save per group; the default batches (here: one save)
 def test_groups_saved_in_batches_convert_alike(tmp_path, monkeypatch, save_bytes):
-  tm = torch_model(NAME)
-  save_file(ref.state_dict(tm), tmp_path / "m.safetensors")
-  (tmp_path / "config.json").write_text(json.dumps(dict(tm.config)))
+  tm = _saved_model(tmp_path)
   saves, original = [], checkpoint_lib.ocp_partial.save
   monkeypatch.setattr(checkpoint_lib.ocp_partial, "save", lambda path, tree: (saves.append(tree), original(path, tree)))
   if save_bytes:

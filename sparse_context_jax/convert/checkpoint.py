@@ -108,7 +108,7 @@ SAVE_BYTES = 1 << 28   # a writer's batches: 256 MiB (two Qwen3-4B layers, one F
 
 
 class CheckpointWriter:
-  """Adds groups of host arrays to `directory/params`: groups are gathered into batches of about `save_bytes`, each
+  """Adds groups of host arrays to `directory/params`: groups are gathered into batches of `SAVE_BYTES` or more, each
   batch an orbax partial save that runs in a background thread while the caller prepares the next groups; `finish`
   saves the last batch, waits for them all and commits.
 
@@ -124,13 +124,11 @@ class CheckpointWriter:
     cfg: the model's config.
     in_flight_bytes: how many bytes of arrays the writer may hold (batches being saved or gathered); `room`
       blocks beyond it.
-    save_bytes: a batch is saved once it holds this many bytes (default `SAVE_BYTES`).
   """
 
-  def __init__(self, directory: Path, cfg, *, in_flight_bytes: int = 1 << 30, save_bytes: int | None = None):
+  def __init__(self, directory: Path, cfg, *, in_flight_bytes: int = 1 << 30):
     self._params = Path(directory) / PARAMS
     self._budget = in_flight_bytes
-    self._save_bytes = SAVE_BYTES if save_bytes is None else save_bytes
     self._pending: list[tuple[concurrent.futures.Future, list[np.ndarray]]] = []   # oldest first
     self._batch: dict[TreePath, np.ndarray] = {}     # groups added but not yet given to a save
     self._free: dict[tuple, list[np.ndarray]] = {}   # (shape, dtype) -> arrays already written, for reuse
@@ -145,8 +143,8 @@ class CheckpointWriter:
     future, arrays = self._pending.pop(0)
     future.result()   # raises the save's error, if any
     wanted = self._asked | self._last   # the shapes of the groups at hand: other arrays' memory is given back now
-    for a in arrays:
-      if a.base is None and (a.shape, a.dtype) in wanted:   # owns its memory (not a view of another array)
+    for a in arrays:   # recycled: arrays that own their memory (not views of another array) of a wanted shape
+      if a.base is None and (a.shape, a.dtype) in wanted:
         self._free.setdefault((a.shape, a.dtype), []).append(a)
 
   def _held(self) -> int:
@@ -187,7 +185,7 @@ class CheckpointWriter:
       del self._free[key]
     self._last, self._asked = self._asked, set()
     self._batch.update(arrays)
-    if sum(a.nbytes for a in self._batch.values()) >= self._save_bytes:
+    if sum(a.nbytes for a in self._batch.values()) >= SAVE_BYTES:
       self._flush()
 
   def _save(self, tree: dict) -> None:
