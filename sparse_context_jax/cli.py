@@ -51,6 +51,14 @@ class _Parser(argparse.ArgumentParser):
     raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
+def host_only() -> None:
+  """For commands that only move weights between files (convert, export): jax uses the CPU alone, so the command
+  never starts an accelerator's runtime (seconds of start-up, a GPU's preallocated memory, or the TPU chips that a
+  training job on the same host holds)."""
+  import jax
+  jax.config.update("jax_platforms", "cpu")
+
+
 def main(argv: list[str] | None = None) -> int:
   # transformers (tokenizers only) advises on import that PyTorch is missing: expected, torch is never a dependency.
   os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

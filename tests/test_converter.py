@@ -126,11 +126,15 @@ def test_bfloat16_is_bit_exact_through_the_cli(tmp_path):
   save_file(bfl, tmp_path / "bf16.safetensors")
   (tmp_path / "config.json").write_text(json.dumps(dict(tm.config)))
   cli = [sys.executable, "-m", "sparse_context_jax"]
+  # convert and export are host work: they run on the CPU whatever platforms the environment asks jax for (an
+  # accelerator's runtime is never started; here a platform that does not exist would fail at once).
+  env = {**os.environ, "JAX_PLATFORMS": "no_such_platform"}
   r = subprocess.run(cli + ["convert", str(tmp_path / "bf16.safetensors"), str(tmp_path / "out"), "--dtype",
-                            "bfloat16", "--config", str(tmp_path / "config.json")], capture_output=True, text=True)
+                            "bfloat16", "--config", str(tmp_path / "config.json")], capture_output=True, text=True,
+                     env=env)
   assert r.returncode == 0, r.stderr
   r = subprocess.run(cli + ["export", str(tmp_path / "out"), str(tmp_path / "back.safetensors"), "--layout", "bfl"],
-                     capture_output=True, text=True)
+                     capture_output=True, text=True, env=env)
   assert r.returncode == 0, r.stderr
   assert_same_tensors(read_all(tmp_path / "back.safetensors"), bfl)
   got = model_params(load_model(tmp_path / "out", dtype=ml_dtypes.bfloat16))

@@ -123,3 +123,22 @@ def test_groups_saved_in_batches_convert_alike(tmp_path, monkeypatch, save_bytes
   assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
   groups = 1 + cfg.depth_double + cfg.depth_single   # the unstacked group, then one per layer
   assert len(saves) == (groups if save_bytes else 1)
+
+
+def _data_files(ckpt) -> list:
+  return [p for p in (ckpt / checkpoint_lib.PARAMS).rglob("*") if p.is_file() and p.parent.name == "d"]
+
+
+def test_small_data_files_convert_alike(tmp_path, monkeypatch):
+  """The writer splits a save into data files of `DATA_FILE_BYTES` (written and synced concurrently): the same
+  weights come back from many small files as from one per save."""
+  tm = _saved_model(tmp_path)
+  want = params_from_state_dict(ref.config_of(tm), ref.state_dict(tm))
+  convert_checkpoint(tmp_path / "m.safetensors", tmp_path / "default", config=str(tmp_path / "config.json"))
+  monkeypatch.setattr(checkpoint_lib, "DATA_FILE_BYTES", 16 << 10)
+  convert_checkpoint(tmp_path / "m.safetensors", tmp_path / "small", config=str(tmp_path / "config.json"))
+  total = sum(p.stat().st_size for p in _data_files(tmp_path / "small"))
+  assert len(_data_files(tmp_path / "small")) >= total // (16 << 10) > len(_data_files(tmp_path / "default"))
+  for out in ("default", "small"):
+    got = model_params(load_model(tmp_path / out))
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)

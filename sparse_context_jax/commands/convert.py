@@ -3,7 +3,7 @@ transformers text-encoder folder with its tokenizer, or a whole diffusers pipeli
 
 from __future__ import annotations
 
-from sparse_context_jax.cli import UserError
+from sparse_context_jax.cli import UserError, host_only
 from sparse_context_jax.convert.output import OutputExistsError
 from sparse_context_jax.errors import CheckpointError
 from sparse_context_jax.convert.pipeline import convert_pipeline, is_pipeline
@@ -42,6 +42,7 @@ def _describe(cfg, dtype: str) -> str:
 
 
 def run(args) -> int:
+  host_only()
   try:
     if is_pipeline(args.src):
       if args.config is not None:

@@ -5,7 +5,7 @@ diffusers|bfl]`: a LoRA run's LoRA alone (`convert.lora_out.export_lora`, diffus
 
 from __future__ import annotations
 
-from sparse_context_jax.cli import UserError
+from sparse_context_jax.cli import UserError, host_only
 from sparse_context_jax.convert.output import OutputExistsError, check_destination
 from sparse_context_jax.errors import CheckpointError
 from sparse_context_jax.convert.streaming import export_checkpoint
@@ -27,6 +27,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+  host_only()
   if args.layout is None and not args.lora:
     raise UserError("export: --layout bfl|diffusers is required (it may be left out only with --lora)")
   try:

@@ -9,7 +9,7 @@ written and read layer by layer.
                       {"img_in": {"kernel": a}, "double_blocks": {"0": {"img_attn": {"qkv": {"kernel": a}}}}, ...}
 
 Stacked parameters are written a few layers at a time (orbax partial saves: each adds some leaves to the same
-checkpoint, uncompressed, in a background thread), so the writer holds a bounded number of layers (1 GiB of
+checkpoint, uncompressed, in a background thread), so the writer holds a bounded number of layers (640 MiB of
 parameters in flight by default); a converted pipeline folder (`pipeline_index`) holds one such folder per
 component, and the loaders below pick theirs. `load` restores one layer at a time straight
 into its sharding and copies it into a preallocated stacked buffer in place, so neither a host nor a device ever
@@ -75,11 +75,18 @@ def _flatten(tree: dict, prefix: TreePath = ()) -> dict[TreePath, object]:
   return out
 
 
+DATA_FILE_BYTES = 64 << 20   # the size of the checkpoint's data files (orbax's default: 2 GB)
+
+
 def _write_context():
   # Uncompressed: zstd would cost more CPU than the disk time it saves (the writer must keep up with the disk);
   # no defensive copy of every host array: the writer holds its arrays, unchanged, until their save completes.
+  # Data files of 64 MiB, not one per save: tensorstore writes the files of a save concurrently and syncs each when
+  # it is complete, so the disk flushes one file while the next is still being written (the writer alone, on a
+  # disk that copies at ~700 MB/s: ~700 MB/s, against ~470 with one file per 256 MiB save).
   ctx = ocp_v1.Context()
   ctx.array.saving.use_compression = False
+  ctx.array.saving.ocdbt_target_data_file_size = DATA_FILE_BYTES
   ctx.memory.deepcopy_host_arrays = False
   return ctx
 
@@ -126,7 +133,7 @@ class CheckpointWriter:
       blocks beyond it.
   """
 
-  def __init__(self, directory: Path, cfg, *, in_flight_bytes: int = 1 << 30):
+  def __init__(self, directory: Path, cfg, *, in_flight_bytes: int = 640 << 20):
     self._params = Path(directory) / PARAMS
     self._budget = in_flight_bytes
     self._pending: list[tuple[concurrent.futures.Future, list[np.ndarray]]] = []   # oldest first

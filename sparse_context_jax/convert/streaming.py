@@ -3,7 +3,7 @@ read and written as they go.
 
 A group is every rule of the unstacked variables (embedders, shared modulations, final layer; a whole VAE), or
 every rule of one layer of one block stack. Converting a group reads only its torch tensors, so host memory holds
-a few layers (two read buffers, the groups being converted and written: 1 GiB by default; the largest
+a few layers (two read buffers, the groups being converted and written: 640 MiB by default; the largest
 group, a FLUX.2-dev single block, is ~1 GB in bfloat16) whatever the checkpoint size. Three stages overlap: a group is
 converted while the next one is read (into a second read buffer) and the previous ones are written.
 """
