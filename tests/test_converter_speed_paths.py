@@ -131,14 +131,14 @@ def _data_files(ckpt) -> list:
 
 def test_small_data_files_convert_alike(tmp_path, monkeypatch):
   """The writer splits a save into data files of `DATA_FILE_BYTES` (written and synced concurrently): the same
-  weights come back from many small files as from one per save."""
+  weights come back from many small files as from a few."""
   tm = _saved_model(tmp_path)
   want = params_from_state_dict(ref.config_of(tm), ref.state_dict(tm))
   convert_checkpoint(tmp_path / "m.safetensors", tmp_path / "default", config=str(tmp_path / "config.json"))
-  monkeypatch.setattr(checkpoint_lib, "DATA_FILE_BYTES", 16 << 10)
+  monkeypatch.setattr(checkpoint_lib, "DATA_FILE_BYTES", 4 << 10)
   convert_checkpoint(tmp_path / "m.safetensors", tmp_path / "small", config=str(tmp_path / "config.json"))
-  total = sum(p.stat().st_size for p in _data_files(tmp_path / "small"))
-  assert len(_data_files(tmp_path / "small")) >= total // (16 << 10) > len(_data_files(tmp_path / "default"))
+  small, default = len(_data_files(tmp_path / "small")), len(_data_files(tmp_path / "default"))
+  assert small > 5 * default
   for out in ("default", "small"):
     got = model_params(load_model(tmp_path / out))
     assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
