@@ -17,13 +17,17 @@ deleted at the end unless --keep.
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
+import queue
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -108,10 +112,6 @@ def pipelined_copy_mb_s(src: str, dst: str, nbytes: int = 32 * (64 << 20), chunk
   """The MB/s of copying the first `nbytes` of `src` to a new file `dst` with reads and writes overlapped (one
   thread reads while the other writes, both O_DIRECT, 4 buffers): the disk's own bound for a converter, which must
   read and write every byte."""
-  import mmap
-  import queue
-  import threading
-  import time
   free, full = queue.Queue(), queue.Queue()
   for _ in range(4):
     free.put(mmap.mmap(-1, chunk))   # page-aligned, as O_DIRECT needs

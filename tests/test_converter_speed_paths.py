@@ -86,12 +86,17 @@ def _saved_model(tmp_path):
   return tm
 
 
+def _assert_loads_as(out, tm) -> None:
+  """The converted folder `out` loads as exactly the torch model `tm`'s parameters."""
+  got, want = model_params(load_model(out)), params_from_state_dict(ref.config_of(tm), ref.state_dict(tm))
+  assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+
+
 def test_conversion_without_o_direct_is_identical(tmp_path, monkeypatch):
   tm = _saved_model(tmp_path)
   monkeypatch.delattr(os, "O_DIRECT", raising=False)
   convert_checkpoint(tmp_path / "m.safetensors", tmp_path / "out", config=str(tmp_path / "config.json"))
-  got, want = model_params(load_model(tmp_path / "out")), params_from_state_dict(ref.config_of(tm), ref.state_dict(tm))
-  assert all(np.array_equal(got[k], want[k]) for k in want)
+  _assert_loads_as(tmp_path / "out", tm)
 
 
 def test_a_failing_background_write_leaves_nothing(tmp_path, monkeypatch):
@@ -119,8 +124,7 @@ def test_groups_saved_in_batches_convert_alike(tmp_path, monkeypatch, save_bytes
   if save_bytes:
     monkeypatch.setattr(checkpoint_lib, "SAVE_BYTES", save_bytes)
   cfg = convert_checkpoint(tmp_path / "m.safetensors", tmp_path / "out", config=str(tmp_path / "config.json"))
-  got, want = model_params(load_model(tmp_path / "out")), params_from_state_dict(ref.config_of(tm), ref.state_dict(tm))
-  assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+  _assert_loads_as(tmp_path / "out", tm)
   groups = 1 + cfg.depth_double + cfg.depth_single   # the unstacked group, then one per layer
   assert len(saves) == (groups if save_bytes else 1)
 
@@ -133,12 +137,10 @@ def test_small_data_files_convert_alike(tmp_path, monkeypatch):
   """The writer splits a save into data files of `DATA_FILE_BYTES` (written and synced concurrently): the same
   weights come back from many small files as from a few."""
   tm = _saved_model(tmp_path)
-  want = params_from_state_dict(ref.config_of(tm), ref.state_dict(tm))
   convert_checkpoint(tmp_path / "m.safetensors", tmp_path / "default", config=str(tmp_path / "config.json"))
   monkeypatch.setattr(checkpoint_lib, "DATA_FILE_BYTES", 4 << 10)
   convert_checkpoint(tmp_path / "m.safetensors", tmp_path / "small", config=str(tmp_path / "config.json"))
   small, default = len(_data_files(tmp_path / "small")), len(_data_files(tmp_path / "default"))
   assert small > 5 * default
   for out in ("default", "small"):
-    got = model_params(load_model(tmp_path / out))
-    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+    _assert_loads_as(tmp_path / out, tm)
