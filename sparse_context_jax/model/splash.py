@@ -17,8 +17,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
 from jax.sharding import PartitionSpec
 
 LANES = 128                 # the sequence is rounded up to a multiple of this
@@ -30,10 +28,18 @@ def padded_length(s: int) -> int:
   return -(-s // LANES) * LANES
 
 
+def _libs():
+  """Pallas' splash kernel and mask modules, imported at the first use (their import costs every command, even one
+  that never attends, a fifth of a second)."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel, splash_attention_mask
+  return splash_attention_kernel, splash_attention_mask
+
+
 @functools.lru_cache(maxsize=None)
 def _kernel(seq: int, heads: int, interpret: bool):
   """The kernel for (heads, seq, Dh) inputs of one example: full mask (segment ids do the masking), forward and
   backward blocks of one size."""
+  kernel_lib, mask_lib = _libs()
   b = next(b for b in BLOCKS if seq % b == 0)
   sizes = kernel_lib.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
                                 block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
@@ -48,7 +54,7 @@ def _local(q, k, v, kv_segment, *, interpret: bool):
   q = q * jnp.asarray(1 / math.sqrt(q.shape[-1]), q.dtype)
 
   def one(q, k, v, kv_segment):
-    ids = kernel_lib.SegmentIds(q=jnp.zeros_like(kv_segment), kv=kv_segment)
+    ids = _libs()[0].SegmentIds(q=jnp.zeros_like(kv_segment), kv=kv_segment)
     out = kernel(q.swapaxes(0, 1), k.swapaxes(0, 1), v.swapaxes(0, 1), segment_ids=ids)
     return out.swapaxes(0, 1)
 
