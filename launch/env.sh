@@ -1,5 +1,5 @@
 # Sourced by the launch scripts: `scj_venv NAME REQUIREMENTS_FILE` prints the path of a virtual environment built
-# from that pinned requirements file, creating it on first use (about a minute). Environments are cached per content
+# from that pinned requirements file, creating it on first use (a minute or two). Environments are cached per content
 # hash of the requirements under ${SCJ_VENV_CACHE:-~/.cache/sparse_context_jax}, so a changed pin builds a new one
 # and clones of the repository share them. A build interrupted half-way is discarded and redone. Packages are installed
 # without pip's serial byte-compiling (--no-compile: 45 s instead of 85 s here), then byte-compiled once by
@@ -24,7 +24,7 @@ scj_venv() {
   (
     flock 9
     if [ ! -f "$venv/.complete" ]; then
-      echo "creating the $name environment from $req in $venv (about a minute, once)" >&2
+      echo "creating the $name environment from $req in $venv (a minute or two, once)" >&2
       rm -rf "$venv"
       if ! { "$python" -m venv "$venv" &&
              "$venv/bin/python" -m pip install --disable-pip-version-check --no-compile -r "$root/$req"; } >"$venv.log" 2>&1; then
